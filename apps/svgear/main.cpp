@@ -1,0 +1,36 @@
+// svgear: sparse attention for video diffusion transformers, from the command line.
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <exception>
+
+#include "commands.hpp"
+#include "svgear/error.hpp"
+
+int main(int argc, char** argv) {
+  CLI::App app{
+      "svgear: training-free sparse attention for video diffusion transformers (SVG-EAR, SVG2).\n"
+      "Start with `svgear demo`, which needs no model and no GPU."};
+  app.require_subcommand(1);
+  svgear::cli::add_demo_command(app);
+  svgear::cli::add_gen_command(app);
+  svgear::cli::add_eval_command(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "svgear: error: %s (see --help)\n", e.what());
+    return 2;
+  } catch (const svgear::Error& e) {
+    std::fprintf(stderr, "svgear: error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "svgear: internal error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,90 @@
+#include "cpu/error_probe.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "cpu/vector_ops.hpp"
+
+namespace svgear::cpu {
+
+std::vector<double> probe_compensation_error(const float* qp, const float* kp, const float* vp,
+                                             std::int64_t d, const ClusterLayout& queries,
+                                             const ClusterLayout& keys,
+                                             const KeyClusterSummary& summary,
+                                             int probes_per_cluster) {
+  const int cq = queries.clusters();
+  const int ck = keys.clusters();
+  const std::int64_t sk = std::int64_t(keys.order.size());
+  const double scale_factor = 1.0 / std::sqrt(double(d));
+  std::vector<double> error(std::size_t(cq) * std::size_t(ck), 0.0);
+
+#pragma omp parallel
+  {
+    std::vector<double> logits(static_cast<std::size_t>(sk));
+    std::vector<double> centroid_logits(static_cast<std::size_t>(ck));
+    std::vector<double> block_mass(static_cast<std::size_t>(ck));                        // d_j
+    std::vector<double> block_sum(std::size_t(ck) * std::size_t(d));        // a_j
+    std::vector<double> total_sum(static_cast<std::size_t>(d)), exact(static_cast<std::size_t>(d));
+#pragma omp for schedule(dynamic, 1)
+    for (int i = 0; i < cq; ++i) {
+      const std::int64_t size = queries.size(i);
+      if (size == 0) continue;
+      const std::int64_t probes = std::min<std::int64_t>(probes_per_cluster, size);
+      double* row_error = &error[std::size_t(i) * std::size_t(ck)];
+      for (std::int64_t p = 0; p < probes; ++p) {
+        const std::int64_t position = queries.offsets[std::size_t(i)] + (2 * p + 1) * size / (2 * probes);
+        const float* query = qp + position * d;
+        double row_max = -std::numeric_limits<double>::infinity();
+        for (std::int64_t key = 0; key < sk; ++key) {
+          logits[std::size_t(key)] = double(dot(query, kp + key * d, d)) * scale_factor;
+          row_max = std::max(row_max, logits[std::size_t(key)]);
+        }
+        for (int j = 0; j < ck; ++j) {
+          if (summary.counts[j] == 0) continue;
+          centroid_logits[std::size_t(j)] =
+              double(dot(query, summary.key_means + std::int64_t(j) * d, d)) * scale_factor +
+              std::log(double(summary.counts[j]));
+          row_max = std::max(row_max, centroid_logits[std::size_t(j)]);
+        }
+        std::fill(block_sum.begin(), block_sum.end(), 0.0);
+        std::fill(total_sum.begin(), total_sum.end(), 0.0);
+        double total_mass = 0;
+        for (int j = 0; j < ck; ++j) {
+          double mass = 0;
+          double* sum = &block_sum[std::size_t(j) * std::size_t(d)];
+          for (std::int64_t key = keys.offsets[std::size_t(j)]; key < keys.offsets[std::size_t(j) + 1]; ++key) {
+            const double w = std::exp(logits[std::size_t(key)] - row_max);
+            mass += w;
+            axpy(sum, w, vp + key * d, d);
+          }
+          block_mass[std::size_t(j)] = mass;
+          total_mass += mass;
+          for (std::int64_t t = 0; t < d; ++t) total_sum[std::size_t(t)] += sum[t];
+        }
+        for (std::int64_t t = 0; t < d; ++t) exact[std::size_t(t)] = total_sum[std::size_t(t)] / total_mass;
+        for (int j = 0; j < ck; ++j) {
+          if (summary.counts[j] == 0) continue;
+          const double stand_in_mass = std::exp(centroid_logits[std::size_t(j)] - row_max);
+          const double mass = total_mass - block_mass[std::size_t(j)] + stand_in_mass;
+          const double* sum = &block_sum[std::size_t(j) * std::size_t(d)];
+          const float* value_mean = summary.value_means + std::int64_t(j) * d;
+          double squared = 0;
+          for (std::int64_t t = 0; t < d; ++t) {
+            const double compensated =
+                (total_sum[std::size_t(t)] - sum[t] + stand_in_mass * double(value_mean[t])) / mass;
+            const double diff = compensated - exact[std::size_t(t)];
+            squared += diff * diff;
+          }
+          row_error[j] += squared;
+        }
+      }
+      // Mean over probes, times the queries the block's error reaches.
+      const double weight = double(size) / double(probes);
+      for (int j = 0; j < ck; ++j) row_error[j] *= weight;
+    }
+  }
+  return error;
+}
+
+}  // namespace svgear::cpu

@@ -1,0 +1,41 @@
+// The one entry point: out = attention(q, k, v) under a method configuration.
+#pragma once
+
+#include "svgear/config.hpp"
+#include "svgear/state.hpp"
+#include "svgear/tensor.hpp"
+
+namespace svgear {
+
+// Wall time of each pipeline stage, summed over (batch, head), in milliseconds.
+struct StageTimes {
+  double cluster_ms = 0;
+  double permute_ms = 0;
+  double score_ms = 0;    // centroid scores and, for EAR, the error probe
+  double select_ms = 0;
+  double attend_ms = 0;   // exact blocks plus compensation
+  double total_ms = 0;
+};
+
+struct AttentionReport {
+  double density = 1.0;             // query x key pairs computed exactly / (Sq * Sk)
+  std::int64_t exact_pairs = 0;
+  std::int64_t selected_blocks = 0;
+  std::int64_t total_blocks = 0;
+  bool warm_started = false;        // k-means started from the state's centroids
+  StageTimes times;
+};
+
+// q: [B, H, Sq, D]; k, v: [B, H, Sk, D]; out: [B, H, Sq, D] (any strides, f32/f16/bf16, CPU).
+// `state` may be null (cold start every call). Throws svgear::Error for invalid tensors or
+// config: mismatched shapes, non-finite inputs, more clusters than tokens, density outside
+// (0, 1], CUDA tensors before the CUDA path exists.
+AttentionReport attention(const TensorView& q, const TensorView& k, const TensorView& v,
+                          const TensorView& out, const MethodConfig& config,
+                          LayerState* state = nullptr);
+
+// Exact softmax attention (float64 accumulation): the reference every method is measured by.
+void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v,
+                     const TensorView& out);
+
+}  // namespace svgear

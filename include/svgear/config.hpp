@@ -1,0 +1,67 @@
+// How a method chooses the blocks it computes exactly, and what it does with the rest.
+// Every method is a selection policy plus a compensation mode; presets name the published
+// combinations (SVG2 = criticality + drop, SVG-EAR = error-aware routing + centroid), and the
+// two parts can be mixed for ablations.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace svgear {
+
+enum class Method { dense, svg2, ear };
+
+enum class SelectionPolicyKind {
+  all_blocks,   // dense: every block computed exactly
+  criticality,  // SVG2: blocks in descending estimated attention mass P_ij
+  error_aware,  // SVG-EAR: blocks in descending probed compensation error per unit of cost
+};
+
+enum class Compensation {
+  drop,      // skipped blocks contribute nothing (SVG2)
+  centroid,  // skipped key clusters enter the softmax as n_j copies of (centroid, mean value)
+};
+
+enum class KmeansInit {
+  kmeans_plus_plus,  // D^2 sampling from a seeded generator
+  strided,           // every (S / C)-th token: deterministic without a seed
+};
+
+struct MethodConfig {
+  Method method = Method::ear;
+  SelectionPolicyKind policy = SelectionPolicyKind::error_aware;
+  Compensation compensation = Compensation::centroid;
+
+  // Budget: fraction of query x key pairs computed exactly, in (0, 1]. Blocks are taken in the
+  // policy's order until the computed fraction reaches it (so it overshoots by < one block).
+  double density = 0.2;
+  // SVG2's own mode: per query cluster, key clusters in descending P_ij until their cumulative
+  // mass reaches top_p, but at least min_key_fraction of the key clusters. Replaces `density`.
+  std::optional<double> top_p;
+  double min_key_fraction = 0.1;
+
+  int clusters_q = 32;
+  int clusters_k = 64;
+  int kmeans_iterations = 20;       // cold start (no cached centroids)
+  int kmeans_warm_iterations = 2;   // warm start from the centroids of the previous step
+  KmeansInit kmeans_init = KmeansInit::kmeans_plus_plus;
+  int probe_queries = 4;            // EAR probe: sampled queries per query cluster
+  std::uint64_t seed = 0;
+};
+
+// The published configuration of a method, with svgear's default hyperparameters.
+MethodConfig preset(Method method);
+
+Method parse_method(std::string_view name);  // "dense", "svg2", "ear"; throws svgear::Error
+std::string method_name(Method method);
+std::string policy_name(SelectionPolicyKind policy);
+std::string compensation_name(Compensation compensation);
+SelectionPolicyKind parse_policy(std::string_view name);  // "all", "criticality", "error-aware"
+Compensation parse_compensation(std::string_view name);   // "drop", "centroid"
+
+// Throws svgear::Error naming the first invalid field and its valid range.
+void validate(const MethodConfig& config);
+
+}  // namespace svgear

@@ -1,0 +1,26 @@
+// SVG-EAR's probe (ALGORITHMS.md "SVG-EAR" 2): for a few sampled queries of each query
+// cluster, compare the exact contribution of every key cluster with its centroid stand-in.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "core/blocks.hpp"
+#include "cpu/block_sparse_attention.hpp"
+#include "cpu/permutation.hpp"
+
+namespace svgear::cpu {
+
+// Returns [C_q * C_k]: for block (i, j), n^Q_i times the mean over probe queries q of
+// ||o_j'(q) - o(q)||^2, where o is q's exact output and o_j' its output with only key cluster
+// j replaced by (n_j, mu_j, vbar_j). Squared errors because the quality metric is the L2 norm
+// of the whole output and errors of different blocks are treated as uncorrelated, so they add.
+// Probe queries are `probes_per_cluster` members of each cluster at evenly spaced positions
+// (all members when the cluster is smaller): deterministic, no seed needed.
+std::vector<double> probe_compensation_error(const float* qp, const float* kp, const float* vp,
+                                             std::int64_t d, const ClusterLayout& queries,
+                                             const ClusterLayout& keys,
+                                             const KeyClusterSummary& summary,
+                                             int probes_per_cluster);
+
+}  // namespace svgear::cpu

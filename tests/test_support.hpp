@@ -1,0 +1,46 @@
+// Inputs for tests: fresh seeded random tensors, and clustered ones whose structure the
+// methods are meant to exploit.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/random.hpp"
+#include "svgear/tensor.hpp"
+
+namespace svgear::testing {
+
+inline double normal(cpu::SplitMix64& rng) {
+  const double u1 = 1.0 - rng.uniform(), u2 = rng.uniform();
+  return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+}
+
+inline HostTensor random_tensor(std::vector<std::int64_t> shape, std::uint64_t seed, double stddev = 1.0,
+                                DType dtype = DType::f32) {
+  HostTensor t(dtype, std::move(shape));
+  cpu::SplitMix64 rng(seed);
+  for (std::int64_t i = 0; i < t.numel(); ++i) t.set(i, float(stddev * normal(rng)));
+  return t;
+}
+
+// [B, H, S, D] tokens drawn around `classes` random centres (spread `noise`), so clustering
+// finds real structure; scale sets the logit range.
+inline HostTensor clustered_tensor(std::int64_t b, std::int64_t h, std::int64_t s, std::int64_t d, int classes,
+                                   double noise, std::uint64_t seed, double scale = 1.0) {
+  HostTensor t(DType::f32, {b, h, s, d});
+  cpu::SplitMix64 rng(seed);
+  std::vector<double> centres(std::size_t(classes * d));
+  for (std::int64_t head = 0; head < b * h; ++head) {
+    for (double& c : centres) c = normal(rng);
+    for (std::int64_t token = 0; token < s; ++token) {
+      const std::int64_t cls = std::int64_t(rng.next() % std::uint64_t(classes));
+      for (std::int64_t j = 0; j < d; ++j) {
+        t.set((head * s + token) * d + j, float(scale * (centres[std::size_t(cls * d + j)] + noise * normal(rng))));
+      }
+    }
+  }
+  return t;
+}
+
+}  // namespace svgear::testing
