@@ -14,6 +14,15 @@ int main(int argc, char** argv) {
   svgear::cli::add_demo_command(app);
   svgear::cli::add_gen_command(app);
   svgear::cli::add_eval_command(app);
+  // CLI11 reports a mistyped command only as "a subcommand is required": name it instead.
+  bool known_command = false;
+  for (const CLI::App* command : app.get_subcommands([](CLI::App*) { return true; })) {
+    known_command = known_command || (argc > 1 && command->get_name() == argv[1]);
+  }
+  if (argc > 1 && argv[1][0] != '-' && !known_command) {
+    std::fprintf(stderr, "svgear: error: unknown command '%s': choose demo, gen or eval (see --help)\n", argv[1]);
+    return 2;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

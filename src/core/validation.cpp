@@ -15,7 +15,6 @@ std::string shape_of(const TensorView& t) {
 }
 
 void check_view(const TensorView& t, const std::string& name) {
-  if (t.data == nullptr) throw Error("tensor '" + name + "' has no data pointer");
   if (t.device != Device::cpu) {
     throw Error("tensor '" + name +
                 "' is on a CUDA device, but this build of svgear has only the CPU path: "
@@ -30,6 +29,7 @@ void check_view(const TensorView& t, const std::string& name) {
       throw Error("tensor '" + name + "' has a negative stride: pass a tensor with non-negative strides");
     }
   }
+  if (t.data == nullptr) throw Error("tensor '" + name + "' has no data pointer");
 }
 
 }  // namespace
