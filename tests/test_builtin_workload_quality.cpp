@@ -1,0 +1,86 @@
+// What the methods promise on the built-in video workload (a smaller grid than the demo's, so
+// the suite stays fast): centroid compensation never does worse than dropping the same blocks,
+// and SVG-EAR at least halves SVG2's error at equal density.
+#include <gtest/gtest.h>
+
+#include "svgear/attention.hpp"
+#include "svgear/metrics.hpp"
+#include "svgear/workload.hpp"
+
+using namespace svgear;
+
+namespace {
+
+class BuiltinWorkload : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    WorkloadShape shape;
+    shape.frames = 6;
+    shape.height = 16;
+    shape.width = 16;
+    shape.heads = 4;
+    shape.head_dim = 64;
+    shape.seed = 7;
+    workload_ = new SafetensorsFile(generate_video_workload(shape));
+    reference_ = new HostTensor(DType::f32, workload_->tensors.at("q").shape);
+    dense_attention(view("q"), view("k"), view("v"), reference_->view_bhsd("reference"));
+  }
+  static void TearDownTestSuite() {
+    delete workload_;
+    delete reference_;
+  }
+  static TensorView view(const char* name) { return workload_->tensors.at(name).view_bhsd(name); }
+
+  static double error_of(const MethodConfig& config, double* density = nullptr) {
+    HostTensor out(DType::f32, reference_->shape);
+    const AttentionReport report = attention(view("q"), view("k"), view("v"), out.view_bhsd("out"), config);
+    if (density) *density = report.density;
+    return compare(out.view_bhsd("out"), reference_->view_bhsd("reference")).rel_l2;
+  }
+
+  static MethodConfig config(Method method, double density) {
+    MethodConfig c = preset(method);
+    c.density = density;
+    c.clusters_q = 24;
+    c.clusters_k = 48;
+    return c;
+  }
+
+  static SafetensorsFile* workload_;
+  static HostTensor* reference_;
+};
+
+SafetensorsFile* BuiltinWorkload::workload_ = nullptr;
+HostTensor* BuiltinWorkload::reference_ = nullptr;
+
+}  // namespace
+
+TEST_F(BuiltinWorkload, CompensationNeverWorseThanDroppingTheSameBlocks) {
+  for (SelectionPolicyKind policy : {SelectionPolicyKind::criticality, SelectionPolicyKind::error_aware}) {
+    for (double density : {0.05, 0.1, 0.2, 0.3, 0.5}) {
+      MethodConfig drop = config(Method::svg2, density), centroid = config(Method::svg2, density);
+      drop.policy = centroid.policy = policy;
+      // Same policy and budget for both. The drop run first gives every query cluster its
+      // top block (without it some rows would have no keys at all), then fills the budget in
+      // the same order, so the two selections differ at most by those floor blocks.
+      drop.compensation = Compensation::drop;
+      centroid.compensation = Compensation::centroid;
+      double drop_density = 0, centroid_density = 0;
+      const double drop_error = error_of(drop, &drop_density);
+      const double centroid_error = error_of(centroid, &centroid_density);
+      EXPECT_LE(centroid_error, drop_error) << policy_name(policy) << " density " << density;
+      EXPECT_NEAR(centroid_density, drop_density, 0.05) << policy_name(policy) << " density " << density;
+    }
+  }
+}
+
+TEST_F(BuiltinWorkload, EarHalvesSvg2ErrorAtEqualDensity) {
+  for (double density : {0.1, 0.2, 0.3}) {
+    double ear_density = 0, svg2_density = 0;
+    const double ear = error_of(config(Method::ear, density), &ear_density);
+    const double svg2 = error_of(config(Method::svg2, density), &svg2_density);
+    EXPECT_LE(ear, 0.5 * svg2) << "density " << density << ": ear " << ear << " svg2 " << svg2;
+    // Equal density: both within one block of the budget.
+    EXPECT_NEAR(ear_density, svg2_density, 0.02);
+  }
+}
