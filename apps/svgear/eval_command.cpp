@@ -20,10 +20,10 @@ struct EvalOptions {
   MethodOptions method_options;
 };
 
-const HostTensor& require_tensor(const SafetensorsFile& file, const std::string& path, const std::string& name) {
+const HostTensor& require_tensor(const SafetensorsFile& file, const std::string& path, const char* name) {
   const auto found = file.tensors.find(name);
   if (found == file.tensors.end()) {
-    throw Error(path + " has no tensor '" + name + "': svgear eval needs tensors q, k and v (see svgear gen)");
+    throw Error(path + " has no tensor '" + std::string(name) + "': svgear eval needs tensors q, k and v (see svgear gen)");
   }
   return found->second;
 }
