@@ -58,8 +58,32 @@ TEST(Policies, ErrorAwareRanksByErrorPerCost) {
   stats.compensation_error = {5.0, 50.0};      // per pair: 0.5 vs 0.05
   SelectionBudget budget;
   budget.density = 0.005;
-  EXPECT_EQ(make_selection_policy(SelectionPolicyKind::error_aware)->select(stats, budget).exact,
-            (std::vector<std::uint8_t>{1, 0}));
-  EXPECT_EQ(make_selection_policy(SelectionPolicyKind::criticality)->select(stats, budget).exact,
-            (std::vector<std::uint8_t>{0, 1}));
+  auto select = [&](SelectionPolicyKind kind) {
+    return take_blocks_by_priority(stats.grid, make_selection_policy(kind)->block_priority(stats), budget).exact;
+  };
+  EXPECT_EQ(select(SelectionPolicyKind::error_aware), (std::vector<std::uint8_t>{1, 0}));
+  EXPECT_EQ(select(SelectionPolicyKind::criticality), (std::vector<std::uint8_t>{0, 1}));
+}
+
+TEST(Policies, CallWideBudgetLetsHeadsCompete) {
+  // Head 0's blocks all outrank head 1's: a shared budget goes to head 0 first, and the floor
+  // (drop mode) still gives head 1's query cluster one block.
+  const std::vector<BlockGrid> grids = {grid({10}, {10, 10}), grid({10}, {10, 10})};
+  const std::vector<std::vector<double>> priorities = {{0.9, 0.8}, {0.2, 0.1}};
+  SelectionBudget budget;
+  budget.density = 0.5;  // 200 of 400 pairs
+  std::vector<BlockSelection> s = take_blocks_by_priority(grids, priorities, budget);
+  EXPECT_EQ(s[0].exact, (std::vector<std::uint8_t>{1, 1}));
+  EXPECT_EQ(s[1].exact, (std::vector<std::uint8_t>{0, 0}));
+  budget.every_query_cluster_needs_a_block = true;
+  s = take_blocks_by_priority(grids, priorities, budget);
+  EXPECT_EQ(s[0].exact, (std::vector<std::uint8_t>{1, 0}));
+  EXPECT_EQ(s[1].exact, (std::vector<std::uint8_t>{1, 0}));
+  // Ties across heads: the lower head first.
+  const std::vector<std::vector<double>> ties = {{0.5, 0.5}, {0.5, 0.5}};
+  budget.every_query_cluster_needs_a_block = false;
+  budget.density = 0.25;
+  s = take_blocks_by_priority(grids, ties, budget);
+  EXPECT_EQ(s[0].exact, (std::vector<std::uint8_t>{1, 0}));
+  EXPECT_EQ(s[1].exact_pairs, 0);
 }

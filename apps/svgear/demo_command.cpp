@@ -32,8 +32,10 @@ constexpr Variant kVariants[] = {
 
 void print_row(const char* label, const MethodConfig& config, const char* requested, const AttentionReport& report,
                const Comparison& comparison) {
-  std::printf("%-14s %-12s %-9s %9s %9.4f %11.3e %9.6f %10.1f\n", label, policy_name(config.policy).c_str(),
-              compensation_name(config.compensation).c_str(), requested, report.density, comparison.rel_l2,
+  std::printf("%-14s %-12s %-9s %-6s %9s %9.4f %11.3e %9.6f %10.1f\n", label, policy_name(config.policy).c_str(),
+              compensation_name(config.compensation).c_str(),
+              config.policy == SelectionPolicyKind::all_blocks ? "-" : budget_scope_name(config.budget_scope).c_str(),
+              requested, report.density, comparison.rel_l2,
               comparison.cosine, report.times.total_ms);
   std::fflush(stdout);
 }
@@ -56,7 +58,8 @@ void run_demo(const DemoOptions& options) {
   }());
   std::printf("clusters: %d query x %d key per head, k-means %d iterations, EAR probe %d queries per cluster\n\n",
               clusters.clusters_q, clusters.clusters_k, clusters.kmeans_iterations, clusters.probe_queries);
-  std::printf("%-14s %-12s %-9s %9s %9s %11s %9s %10s\n", "method", "policy", "compens.", "requested", "density",
+  std::printf("%-14s %-12s %-9s %-6s %9s %9s %11s %9s %10s\n", "method", "policy", "compens.", "budget", "requested",
+              "density",
               "rel_l2", "cosine", "time_ms");
 
   HostTensor reference(DType::f32, workload.tensors.at("q").shape), out(DType::f32, reference.shape);

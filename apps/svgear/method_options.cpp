@@ -15,6 +15,9 @@ void add_method_options(CLI::App& command, MethodOptions& options, bool with_bud
                                      "estimated mass (replaces --density)");
     density->excludes(top_p);
   }
+  command.add_option("--budget-scope", options.budget_scope,
+                     "call: one budget shared by all heads (blocks compete across heads); head: the same "
+                     "density in every head (default: the method's own, ear call, svg2 head)");
   command.add_option("--clusters-q", d.clusters_q, "k-means clusters of the queries, per head")->capture_default_str();
   command.add_option("--clusters-k", d.clusters_k, "k-means clusters of the keys, per head")->capture_default_str();
   command.add_option("--kmeans-iters", d.kmeans_iterations, "k-means iterations from a cold start")
@@ -50,6 +53,7 @@ MethodConfig make_config(Method method, const MethodOptions& options) {
     throw Error("unknown --init '" + options.init + "': choose kmeans++ or strided");
   }
   config.top_p = options.top_p;
+  config.budget_scope = options.budget_scope.empty() ? published.budget_scope : parse_budget_scope(options.budget_scope);
   if (method == Method::dense) {
     config.density = 1.0;
   } else if (options.density) {

@@ -16,6 +16,7 @@ struct MethodOptions {
   std::string policy;        // empty: the method's own
   std::string compensation;  // empty: the method's own
   std::string init = "kmeans++";
+  std::string budget_scope;  // empty: the method's own
 };
 
 // Adds --clusters-q, --clusters-k, --kmeans-iters, --warm-iters, --probe-queries, --seed,

@@ -24,6 +24,11 @@ enum class Compensation {
   centroid,  // skipped key clusters enter the softmax as n_j copies of (centroid, mean value)
 };
 
+enum class BudgetScope {
+  call,  // one budget for all heads of the call: blocks compete across heads (EAR's preset)
+  head,  // every (batch, head) gets the same density (SVG2's preset)
+};
+
 enum class KmeansInit {
   kmeans_plus_plus,  // D^2 sampling from a seeded generator
   strided,           // every (S / C)-th token: deterministic without a seed
@@ -39,6 +44,7 @@ struct MethodConfig {
   double density = 0.2;
   // SVG2's own mode: per query cluster, key clusters in descending P_ij until their cumulative
   // mass reaches top_p, but at least min_key_fraction of the key clusters. Replaces `density`.
+  BudgetScope budget_scope = BudgetScope::call;
   std::optional<double> top_p;
   double min_key_fraction = 0.1;
 
@@ -60,6 +66,8 @@ std::string policy_name(SelectionPolicyKind policy);
 std::string compensation_name(Compensation compensation);
 SelectionPolicyKind parse_policy(std::string_view name);  // "all", "criticality", "error-aware"
 Compensation parse_compensation(std::string_view name);   // "drop", "centroid"
+BudgetScope parse_budget_scope(std::string_view name);    // "call", "head"
+std::string budget_scope_name(BudgetScope scope);
 
 // Throws svgear::Error naming the first invalid field and its valid range.
 void validate(const MethodConfig& config);

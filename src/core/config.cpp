@@ -16,12 +16,16 @@ MethodConfig preset(Method method) {
       config.density = 1.0;
       break;
     case Method::svg2:
+      // Criticality is a per-query distribution, so it ranks blocks within a head, not across.
       config.policy = SelectionPolicyKind::criticality;
       config.compensation = Compensation::drop;
+      config.budget_scope = BudgetScope::head;
       break;
     case Method::ear:
+      // Probed errors are in the output's units in every head, so blocks compete call-wide.
       config.policy = SelectionPolicyKind::error_aware;
       config.compensation = Compensation::centroid;
+      config.budget_scope = BudgetScope::call;
       break;
   }
   return config;
@@ -69,6 +73,14 @@ Compensation parse_compensation(std::string_view name) {
   if (name == "centroid") return Compensation::centroid;
   throw Error("unknown compensation '" + std::string(name) + "': choose drop or centroid");
 }
+
+BudgetScope parse_budget_scope(std::string_view name) {
+  if (name == "call") return BudgetScope::call;
+  if (name == "head") return BudgetScope::head;
+  throw Error("unknown budget scope '" + std::string(name) + "': choose call or head");
+}
+
+std::string budget_scope_name(BudgetScope scope) { return scope == BudgetScope::call ? "call" : "head"; }
 
 namespace {
 void require(bool ok, const std::string& message) {

@@ -65,6 +65,44 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
   }
 }
 
+namespace {
+
+// What the score stage leaves for one (batch, head): everything selection and attention read.
+struct HeadPlan {
+  std::vector<float> qp, kp, vp;  // rows in cluster order
+  cpu::ClusterLayout q_layout, k_layout;
+  std::vector<float> key_means, value_means;
+  BlockStatistics stats;
+};
+
+std::vector<BlockSelection> select_blocks(const std::vector<HeadPlan>& plans, const SelectionPolicy& policy,
+                                          const MethodConfig& config) {
+  std::vector<BlockSelection> selections;
+  if (config.top_p) {  // SVG2's own mode: per query cluster, no shared budget
+    for (const HeadPlan& plan : plans) {
+      selections.push_back(take_blocks_by_top_p(plan.stats.grid, plan.stats.criticality, *config.top_p,
+                                                config.min_key_fraction));
+    }
+    return selections;
+  }
+  SelectionBudget budget;
+  budget.density = config.policy == SelectionPolicyKind::all_blocks ? 1.0 : config.density;
+  budget.every_query_cluster_needs_a_block = config.compensation == Compensation::drop;
+  std::vector<BlockGrid> grids;
+  std::vector<std::vector<double>> priorities;
+  for (const HeadPlan& plan : plans) {
+    grids.push_back(plan.stats.grid);
+    priorities.push_back(policy.block_priority(plan.stats));
+  }
+  if (config.budget_scope == BudgetScope::call) return take_blocks_by_priority(grids, priorities, budget);
+  for (std::size_t head = 0; head < plans.size(); ++head) {
+    selections.push_back(take_blocks_by_priority(grids[head], priorities[head], budget));
+  }
+  return selections;
+}
+
+}  // namespace
+
 AttentionReport attention(const TensorView& q, const TensorView& k, const TensorView& v,
                           const TensorView& out, const MethodConfig& config, LayerState* state) {
   const auto start = Clock::now();
@@ -86,17 +124,13 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
   report.warm_started = state_matches(state, signature);
   std::vector<float> next_q_centroids, next_k_centroids;
   const std::unique_ptr<SelectionPolicy> policy = make_selection_policy(config.policy);
-  SelectionBudget budget;
-  budget.density = config.density;
-  budget.top_p = config.top_p;
-  budget.min_key_fraction = config.min_key_fraction;
-  budget.every_query_cluster_needs_a_block = config.compensation == Compensation::drop;
 
-  std::vector<float> qp(static_cast<std::size_t>(sq * d)), kp(std::size_t(sk * d)), vp(static_cast<std::size_t>(sk * d));
-  std::vector<float> out_permuted(static_cast<std::size_t>(sq * d)), head_out(static_cast<std::size_t>(sq * d));
+  // Cluster, permute and score every head first: a call-wide budget needs all block statistics.
+  std::vector<HeadPlan> plans(std::size_t(q.batch() * q.heads()));
   for (std::int64_t b = 0; b < q.batch(); ++b) {
     for (std::int64_t h = 0; h < q.heads(); ++h) {
       const std::size_t head = std::size_t(b * q.heads() + h);
+      HeadPlan& plan = plans[head];
       auto stage = Clock::now();
       const std::vector<float> qh = load_head(q, b, h), kh = load_head(k, b, h), vh = load_head(v, b, h);
       report.times.permute_ms += elapsed_ms(stage);
@@ -121,43 +155,57 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
       report.times.cluster_ms += elapsed_ms(stage);
 
       stage = Clock::now();
-      const cpu::ClusterLayout q_layout = cpu::cluster_layout(q_clusters.labels, cq);
-      const cpu::ClusterLayout k_layout = cpu::cluster_layout(k_clusters.labels, ck);
-      cpu::gather_rows(qh.data(), d, q_layout, qp.data());
-      cpu::gather_rows(kh.data(), d, k_layout, kp.data());
-      cpu::gather_rows(vh.data(), d, k_layout, vp.data());
+      plan.q_layout = cpu::cluster_layout(q_clusters.labels, cq);
+      plan.k_layout = cpu::cluster_layout(k_clusters.labels, ck);
+      plan.qp.resize(qh.size());
+      plan.kp.resize(kh.size());
+      plan.vp.resize(vh.size());
+      cpu::gather_rows(qh.data(), d, plan.q_layout, plan.qp.data());
+      cpu::gather_rows(kh.data(), d, plan.k_layout, plan.kp.data());
+      cpu::gather_rows(vh.data(), d, plan.k_layout, plan.vp.data());
       report.times.permute_ms += elapsed_ms(stage);
 
       // Score: centroid criticality for every policy; the EAR probe only where asked.
       stage = Clock::now();
-      BlockStatistics stats;
-      for (int i = 0; i < cq; ++i) stats.grid.q_sizes.push_back(q_layout.size(i));
-      for (int j = 0; j < ck; ++j) stats.grid.k_sizes.push_back(k_layout.size(j));
-      const std::vector<float> key_means = cpu::cluster_means(kp.data(), k_layout.offsets, d);
-      const std::vector<float> value_means = cpu::cluster_means(vp.data(), k_layout.offsets, d);
-      const cpu::KeyClusterSummary summary{key_means.data(), value_means.data(), stats.grid.k_sizes.data()};
-      stats.criticality = cpu::centroid_criticality(q_clusters.centroids.data(), key_means.data(), stats.grid, d);
+      BlockStatistics& stats = plan.stats;
+      for (int i = 0; i < cq; ++i) stats.grid.q_sizes.push_back(plan.q_layout.size(i));
+      for (int j = 0; j < ck; ++j) stats.grid.k_sizes.push_back(plan.k_layout.size(j));
+      plan.key_means = cpu::cluster_means(plan.kp.data(), plan.k_layout.offsets, d);
+      plan.value_means = cpu::cluster_means(plan.vp.data(), plan.k_layout.offsets, d);
+      stats.criticality = cpu::centroid_criticality(q_clusters.centroids.data(), plan.key_means.data(), stats.grid, d);
       if (policy->needs_error_probe()) {
-        stats.compensation_error = cpu::probe_compensation_error(qp.data(), kp.data(), vp.data(), d, q_layout,
-                                                                 k_layout, summary, config.probe_queries);
+        const cpu::KeyClusterSummary summary{plan.key_means.data(), plan.value_means.data(), stats.grid.k_sizes.data()};
+        stats.compensation_error = cpu::probe_compensation_error(plan.qp.data(), plan.kp.data(), plan.vp.data(), d,
+                                                                 plan.q_layout, plan.k_layout, summary,
+                                                                 config.probe_queries);
       }
       report.times.score_ms += elapsed_ms(stage);
+    }
+  }
 
-      stage = Clock::now();
-      const BlockSelection selection = policy->select(stats, budget);
+  auto stage = Clock::now();
+  const std::vector<BlockSelection> selections = select_blocks(plans, *policy, config);
+  report.times.select_ms += elapsed_ms(stage);
+
+  std::vector<float> out_permuted(static_cast<std::size_t>(sq * d)), head_out(static_cast<std::size_t>(sq * d));
+  for (std::int64_t b = 0; b < q.batch(); ++b) {
+    for (std::int64_t h = 0; h < q.heads(); ++h) {
+      const std::size_t head = std::size_t(b * q.heads() + h);
+      const HeadPlan& plan = plans[head];
+      const BlockSelection& selection = selections[head];
       report.exact_pairs += selection.exact_pairs;
       report.selected_blocks += selection.selected_blocks;
       report.total_blocks += std::int64_t(cq) * ck;
-      report.times.select_ms += elapsed_ms(stage);
 
       stage = Clock::now();
-      cpu::block_sparse_attention(qp.data(), kp.data(), vp.data(), d, q_layout, k_layout, selection,
-                                  config.compensation == Compensation::centroid ? &summary : nullptr,
+      const cpu::KeyClusterSummary summary{plan.key_means.data(), plan.value_means.data(), plan.stats.grid.k_sizes.data()};
+      cpu::block_sparse_attention(plan.qp.data(), plan.kp.data(), plan.vp.data(), d, plan.q_layout, plan.k_layout,
+                                  selection, config.compensation == Compensation::centroid ? &summary : nullptr,
                                   out_permuted.data());
       report.times.attend_ms += elapsed_ms(stage);
 
       stage = Clock::now();
-      cpu::scatter_rows(out_permuted.data(), d, q_layout, head_out.data());
+      cpu::scatter_rows(out_permuted.data(), d, plan.q_layout, head_out.data());
       store_head(head_out, out, b, h);
       report.times.permute_ms += elapsed_ms(stage);
     }

@@ -13,11 +13,16 @@
 
 namespace svgear::cuda {
 
-// One [B, H, S, D] device tensor with a contiguous last axis (strides in elements).
+// One [B, H, S, D] device tensor with a contiguous last axis (strides in elements). The kernel
+// moves rows in 16-byte pieces: data must be 16-byte aligned and stride_b/h/s multiples of 8.
 struct DeviceTensor {
   const void* data = nullptr;
   std::int64_t stride_b = 0, stride_h = 0, stride_s = 0;
 };
+
+// Bits the kernel ORs into SparseAttentionProblem::error_flags.
+inline constexpr std::int32_t kErrorRowWithoutKeys = 1;  // a query row had no exact or compensated key: written as zeros
+inline constexpr std::int32_t kErrorBadWorkTile = 2;     // a work tile named a bad (bh, cluster, row): skipped
 
 struct SparseAttentionProblem {
   DType dtype = DType::bf16;  // of q, k, v and out: bf16 or f16
@@ -28,6 +33,8 @@ struct SparseAttentionProblem {
   DeviceTensor out;  // written (data is cast to non-const)
 
   // Cluster layouts, per (b, h) = bh = b * heads + h. A null order means the identity.
+  // A null offsets array means one cluster holding every token (needs query_clusters == 1,
+  // resp. key_clusters == 1).
   int query_clusters = 1, key_clusters = 1;
   const std::int32_t* q_order = nullptr;    // [BH][sq]: permuted position -> original query index
   const std::int32_t* q_offsets = nullptr;  // [BH][query_clusters + 1], q_offsets[bh][0] == 0
@@ -36,13 +43,15 @@ struct SparseAttentionProblem {
 
   // Exactly computed key clusters of each (bh, query cluster i), CSR over row r = bh * Cq + i:
   // selected_clusters[selected_offsets[r] .. selected_offsets[r + 1]) in any order.
+  // A null selected_offsets means every key cluster is selected (dense attention).
   const std::int32_t* selected_offsets = nullptr;  // [BH * Cq + 1]
   const std::int32_t* selected_clusters = nullptr;
 
   // Compensation: null compensated_offsets means skipped blocks are dropped. Otherwise the
   // compensated key clusters of row r (non-empty, not selected) are listed like the selected
   // ones, and each enters the softmax as one pseudo-key: logit q.mu_j / sqrt(D) + ln n_j,
-  // value vbar_j.
+  // value vbar_j. The means are rounded to `dtype` in shared memory (the precision of the
+  // exact keys and values); ln n_j stays fp32. Arrays 16-byte aligned.
   const std::int32_t* compensated_offsets = nullptr;  // [BH * Cq + 1]
   const std::int32_t* compensated_clusters = nullptr;
   const float* key_means = nullptr;    // [BH][Ck][D]
@@ -50,15 +59,36 @@ struct SparseAttentionProblem {
   const std::int32_t* key_counts = nullptr;  // [BH][Ck]
 
   // Work list: one entry per (bh, query cluster, tile of up to kQueryTile permuted queries),
-  // built on the device by build_query_tiles. Filled in by the pipeline.
+  // built on the device by build_query_tiles. Filled in by the pipeline. Entries with bh < 0
+  // are padding (their CTAs exit at once). A null `tiles` (only with query_clusters == 1)
+  // means the implicit list bh-major over rows 0, 64, 128, ... and tile_count is ignored.
   const std::int32_t* tiles = nullptr;  // [tile_count][3]: bh, query cluster, first permuted row
   std::int64_t tile_count = 0;
+
+  // Optional device int the kernel ORs kError* bits into (never cleared by the kernel): the
+  // caller reads it whenever it synchronizes anyway. Null: problems are only masked.
+  std::int32_t* error_flags = nullptr;
 };
 
 // Rows of queries one CTA handles.
 inline constexpr int kQueryTile = 64;
 
-// Throws svgear::Error on unsupported dtype/head_dim; checks the launch.
+// Throws svgear::Error on unsupported dtype/head_dim, missing arrays or misaligned tensors;
+// checks the launch. Asynchronous on `stream` (a cudaStream_t; null = the legacy default
+// stream): no host synchronization.
 void sparse_attention(const SparseAttentionProblem& problem, void* stream);
+
+// Entries of the work list for bh_count heads of sq queries in query_clusters clusters: an upper
+// bound, per head ceil(sq / 64) + min(query_clusters, sq) (each non-empty cluster wastes at
+// most one partial tile), so the list is built without reading a count back to the host.
+std::int64_t query_tile_capacity(int bh_count, std::int64_t sq, int query_clusters);
+
+// Writes the work list into `tiles` (device, [capacity][3], capacity >= query_tile_capacity)
+// from q_offsets (device, [bh_count][query_clusters + 1]): head bh owns entries
+// [bh * P, (bh + 1) * P), P = query_tile_capacity(1, sq, query_clusters), its real tiles first,
+// then padding (bh = -1). Returns the tile_count to put in SparseAttentionProblem (bh_count * P).
+// One small kernel on `stream`; no host synchronization.
+std::int64_t build_query_tiles(const std::int32_t* q_offsets, int bh_count, std::int64_t sq, int query_clusters,
+                               std::int32_t* tiles, std::int64_t capacity, void* stream);
 
 }  // namespace svgear::cuda

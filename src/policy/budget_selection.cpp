@@ -34,28 +34,64 @@ std::vector<std::size_t> descending_order(std::span<const double> values) {
 
 }  // namespace
 
-BlockSelection take_blocks_by_priority(const BlockGrid& grid, std::span<const double> priority,
-                                       const SelectionBudget& budget) {
-  BlockSelection selection = empty_selection(grid);
-  const int ck = grid.key_clusters();
-  const std::vector<std::size_t> order = descending_order(priority);
+std::vector<BlockSelection> take_blocks_by_priority(std::span<const BlockGrid> grids,
+                                                    std::span<const std::vector<double>> priorities,
+                                                    const SelectionBudget& budget) {
+  struct Candidate {
+    double priority;
+    std::uint32_t head;
+    std::uint32_t block;
+  };
+  std::vector<Candidate> candidates;
+  std::vector<BlockSelection> selections;
+  std::int64_t total_pairs = 0;
+  for (std::size_t head = 0; head < grids.size(); ++head) {
+    const BlockGrid& grid = grids[head];
+    selections.push_back(empty_selection(grid));
+    total_pairs += grid.total_pairs();
+    for (int i = 0; i < grid.query_clusters(); ++i) {
+      for (int j = 0; j < grid.key_clusters(); ++j) {
+        if (grid.cost(i, j) == 0) continue;  // empty blocks are never selected
+        candidates.push_back({priorities[head][grid.index(i, j)], std::uint32_t(head), std::uint32_t(grid.index(i, j))});
+      }
+    }
+  }
+  // Candidates are in (head, block) order already, so a stable sort breaks ties by that.
+  std::stable_sort(candidates.begin(), candidates.end(),
+                   [](const Candidate& a, const Candidate& b) { return a.priority > b.priority; });
+  std::int64_t taken = 0;
+  auto take = [&](const Candidate& c) {
+    const BlockGrid& grid = grids[c.head];
+    const int ck = grid.key_clusters();
+    const std::int64_t before = selections[c.head].exact_pairs;
+    mark(grid, int(c.block / std::uint32_t(ck)), int(c.block % std::uint32_t(ck)), selections[c.head]);
+    taken += selections[c.head].exact_pairs - before;
+  };
   if (budget.every_query_cluster_needs_a_block) {
-    std::vector<bool> covered(std::size_t(grid.query_clusters()), false);
-    for (std::size_t block : order) {
-      const int i = int(block / std::size_t(ck)), j = int(block % std::size_t(ck));
-      if (covered[std::size_t(i)] || grid.cost(i, j) == 0) continue;
-      covered[std::size_t(i)] = true;
-      mark(grid, i, j, selection);
+    std::vector<std::vector<bool>> covered;
+    for (const BlockGrid& grid : grids) covered.emplace_back(std::size_t(grid.query_clusters()), false);
+    for (const Candidate& c : candidates) {
+      const std::size_t row = c.block / std::uint32_t(grids[c.head].key_clusters());
+      if (covered[c.head][row]) continue;
+      covered[c.head][row] = true;
+      take(c);
     }
   }
   // Integer target: compare pairs exactly, no rounding of the density across the loop.
-  const auto target = std::int64_t(std::ceil(budget.density * double(grid.total_pairs())));
-  for (std::size_t block : order) {
-    if (selection.exact_pairs >= target) break;
-    const int i = int(block / std::size_t(ck)), j = int(block % std::size_t(ck));
-    if (grid.cost(i, j) > 0) mark(grid, i, j, selection);
+  const auto target = std::int64_t(std::ceil(budget.density * double(total_pairs)));
+  for (const Candidate& c : candidates) {
+    if (taken >= target) break;
+    take(c);
   }
-  return selection;
+  return selections;
+}
+
+BlockSelection take_blocks_by_priority(const BlockGrid& grid, std::span<const double> priority,
+                                       const SelectionBudget& budget) {
+  const std::vector<double> copy(priority.begin(), priority.end());
+  return take_blocks_by_priority(std::span<const BlockGrid>(&grid, 1), std::span<const std::vector<double>>(&copy, 1),
+                                 budget)
+      .front();
 }
 
 BlockSelection take_blocks_by_top_p(const BlockGrid& grid, std::span<const double> criticality,

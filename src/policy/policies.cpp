@@ -7,25 +7,18 @@ namespace svgear {
 
 namespace {
 
+// Dense through the block machinery: every block ties, and the pipeline's budget is 1.
 class AllBlocksPolicy final : public SelectionPolicy {
  public:
-  BlockSelection select(const BlockStatistics& stats, const SelectionBudget&) const override {
-    SelectionBudget everything;
-    everything.density = 1.0;
-    const std::vector<double> flat(stats.criticality.size(), 1.0);
-    return take_blocks_by_priority(stats.grid, flat, everything);
+  std::vector<double> block_priority(const BlockStatistics& stats) const override {
+    return std::vector<double>(stats.criticality.size(), 1.0);
   }
 };
 
 // SVG2: compute where the centroid scores put the attention mass.
 class CriticalityPolicy final : public SelectionPolicy {
  public:
-  BlockSelection select(const BlockStatistics& stats, const SelectionBudget& budget) const override {
-    if (budget.top_p) {
-      return take_blocks_by_top_p(stats.grid, stats.criticality, *budget.top_p, budget.min_key_fraction);
-    }
-    return take_blocks_by_priority(stats.grid, stats.criticality, budget);
-  }
+  std::vector<double> block_priority(const BlockStatistics& stats) const override { return stats.criticality; }
 };
 
 // SVG-EAR: compute where compensation would err most per pair computed. The probe's error is
@@ -34,7 +27,7 @@ class CriticalityPolicy final : public SelectionPolicy {
 class ErrorAwarePolicy final : public SelectionPolicy {
  public:
   bool needs_error_probe() const override { return true; }
-  BlockSelection select(const BlockStatistics& stats, const SelectionBudget& budget) const override {
+  std::vector<double> block_priority(const BlockStatistics& stats) const override {
     const BlockGrid& grid = stats.grid;
     std::vector<double> error_per_cost(stats.compensation_error.size(), 0.0);
     for (int i = 0; i < grid.query_clusters(); ++i) {
@@ -43,7 +36,7 @@ class ErrorAwarePolicy final : public SelectionPolicy {
         if (cost > 0) error_per_cost[grid.index(i, j)] = stats.compensation_error[grid.index(i, j)] / double(cost);
       }
     }
-    return take_blocks_by_priority(grid, error_per_cost, budget);
+    return error_per_cost;
   }
 };
 

@@ -4,8 +4,8 @@
 #pragma once
 
 #include <memory>
-#include <optional>
 #include <span>
+#include <vector>
 
 #include "core/blocks.hpp"
 #include "svgear/config.hpp"
@@ -13,27 +13,34 @@
 namespace svgear {
 
 struct SelectionBudget {
-  double density = 1.0;               // fraction of pairs to compute exactly
-  std::optional<double> top_p;        // SVG2's per-row cumulative-mass mode instead of density
-  double min_key_fraction = 0.0;      // top-p mode: floor of key clusters per query cluster
+  double density = 1.0;  // fraction of pairs to compute exactly
   // With drop compensation a query cluster without a selected block would have no keys at
   // all, so each one first gets its highest-priority block.
   bool every_query_cluster_needs_a_block = false;
 };
 
+// A policy orders blocks: the budget is then spent in that order, over one head or over all
+// heads of a call at once (so routing can give a hard head more exact blocks than an easy one).
 class SelectionPolicy {
  public:
   virtual ~SelectionPolicy() = default;
-  // Whether select() reads BlockStatistics::compensation_error (the EAR probe).
+  // Whether block_priority() reads BlockStatistics::compensation_error (the EAR probe).
   virtual bool needs_error_probe() const { return false; }
-  virtual BlockSelection select(const BlockStatistics& stats, const SelectionBudget& budget) const = 0;
+  // [C_q * C_k]: higher is computed first. Comparable across heads.
+  virtual std::vector<double> block_priority(const BlockStatistics& stats) const = 0;
 };
 
 std::unique_ptr<SelectionPolicy> make_selection_policy(SelectionPolicyKind kind);
 
-// Blocks in descending `priority` (ties: lower index first) until the exactly computed pairs
-// reach budget.density of all pairs, so the result overshoots by less than one block. Empty
-// blocks are never selected.
+// Blocks of all the given heads in descending priority (ties: lower head, then lower block
+// index first) until the exactly computed pairs reach budget.density of all their pairs, so the
+// total overshoots by less than one block. Empty blocks are never selected. Returns one
+// selection per head.
+std::vector<BlockSelection> take_blocks_by_priority(std::span<const BlockGrid> grids,
+                                                    std::span<const std::vector<double>> priorities,
+                                                    const SelectionBudget& budget);
+
+// The same for one head.
 BlockSelection take_blocks_by_priority(const BlockGrid& grid, std::span<const double> priority,
                                        const SelectionBudget& budget);
 
