@@ -122,8 +122,9 @@ TEST(Validation, EmptyTensors) {
   expect_rejected(in, "empty");
 }
 
-TEST(Validation, CudaTensorsBeforeTheCudaPath) {
-  expect_rejected(Inputs{}, "CUDA", [](TensorView& q, TensorView&, TensorView&, TensorView&) { q.device = Device::cuda; });
+TEST(Validation, TensorsOnDifferentDevices) {
+  expect_rejected(Inputs{}, "different devices",
+                  [](TensorView&, TensorView& k, TensorView&, TensorView&) { k.device = Device::cuda; });
 }
 
 TEST(Validation, NullDataAndNegativeStrides) {

@@ -26,13 +26,16 @@ struct AttentionReport {
   StageTimes times;
 };
 
-// q: [B, H, Sq, D]; k, v: [B, H, Sk, D]; out: [B, H, Sq, D] (any strides, f32/f16/bf16, CPU).
+// q: [B, H, Sq, D]; k, v: [B, H, Sk, D]; out: [B, H, Sq, D], all on one device.
+// CPU: any strides, f32/f16/bf16. CUDA (builds with SVGEAR_CUDA): bf16 or f16, D = 64 or 128,
+// contiguous last axis, 16-byte aligned rows; runs on `stream` (a cudaStream_t, null = the
+// default stream) and synchronizes it once at the end for the report.
 // `state` may be null (cold start every call). Throws svgear::Error for invalid tensors or
 // config: mismatched shapes, non-finite inputs, more clusters than tokens, density outside
-// (0, 1], CUDA tensors before the CUDA path exists.
+// (0, 1], CUDA tensors in a build without the CUDA path.
 AttentionReport attention(const TensorView& q, const TensorView& k, const TensorView& v,
                           const TensorView& out, const MethodConfig& config,
-                          LayerState* state = nullptr);
+                          LayerState* state = nullptr, void* stream = nullptr);
 
 // Exact softmax attention (float64 accumulation): the reference every method is measured by.
 void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v,

@@ -5,6 +5,7 @@
 
 #include <array>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace svgear {
@@ -16,8 +17,10 @@ struct LayerState {
   std::array<std::int64_t, 5> signature{};
   std::vector<float> q_centroids;  // [B*H][clusters_q][D]
   std::vector<float> k_centroids;  // [B*H][clusters_k][D]
+  // The CUDA path keeps its centroids on the device instead (opaque; freed with the state).
+  std::shared_ptr<void> device_centroids;
 
-  bool has_centroids() const { return !q_centroids.empty(); }
+  bool has_centroids() const { return !q_centroids.empty() || device_centroids != nullptr; }
   void reset() { *this = LayerState{}; }
 };
 

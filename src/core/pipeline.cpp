@@ -15,6 +15,10 @@
 #include "cpu/permutation.hpp"
 #include "policy/selection_policy.hpp"
 #include "svgear/attention.hpp"
+#include "svgear/error.hpp"
+#ifdef SVGEAR_HAS_CUDA
+#include "cuda/attention_cuda.hpp"
+#endif
 
 namespace svgear {
 
@@ -51,6 +55,10 @@ bool state_matches(const LayerState* state, const std::array<std::int64_t, 5>& s
 void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v,
                      const TensorView& out) {
   validate_attention_inputs(q, k, v, out, preset(Method::dense));
+  if (q.device != Device::cpu) {
+    throw Error("svgear::dense_attention is the CPU reference: pass CPU tensors "
+                "(for CUDA tensors call svgear::attention with preset(Method::dense))");
+  }
   require_finite(q, "q");
   require_finite(k, "k");
   require_finite(v, "v");
@@ -104,7 +112,16 @@ std::vector<BlockSelection> select_blocks(const std::vector<HeadPlan>& plans, co
 }  // namespace
 
 AttentionReport attention(const TensorView& q, const TensorView& k, const TensorView& v,
-                          const TensorView& out, const MethodConfig& config, LayerState* state) {
+                          const TensorView& out, const MethodConfig& config, LayerState* state, void* stream) {
+  if (q.device == Device::cuda) {
+#ifdef SVGEAR_HAS_CUDA
+    return cuda::attention(q, k, v, out, config, state, stream);
+#else
+    (void)stream;
+    throw Error("tensor 'q' is on a CUDA device, but this build of svgear has only the CPU path: "
+                "move the tensors to the CPU or build with CUDA (SVGEAR_CUDA=ON)");
+#endif
+  }
   const auto start = Clock::now();
   AttentionReport report;
   if (config.policy == SelectionPolicyKind::all_blocks && config.compensation == Compensation::drop) {

@@ -15,11 +15,6 @@ std::string shape_of(const TensorView& t) {
 }
 
 void check_view(const TensorView& t, const std::string& name) {
-  if (t.device != Device::cpu) {
-    throw Error("tensor '" + name +
-                "' is on a CUDA device, but this build of svgear has only the CPU path: "
-                "move the tensors to the CPU");
-  }
   for (int axis = 0; axis < 4; ++axis) {
     if (t.shape[std::size_t(axis)] <= 0) {
       throw Error("tensor '" + name + "' is empty (shape " + shape_of(t) +
@@ -41,6 +36,11 @@ void validate_attention_inputs(const TensorView& q, const TensorView& k, const T
   check_view(k, "k");
   check_view(v, "v");
   check_view(out, "out");
+  for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}, std::pair{&out, "out"}}) {
+    if (t->device != q.device) {
+      throw Error(std::string("q and ") + name + " are on different devices: put q, k, v and out on one device");
+    }
+  }
   if (k.shape != v.shape) {
     throw Error("k has shape " + shape_of(k) + " but v has shape " + shape_of(v) +
                 ": keys and values must match in [B, H, S, D]");

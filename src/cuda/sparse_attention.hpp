@@ -21,7 +21,7 @@ struct DeviceTensor {
 };
 
 // Bits the kernel ORs into SparseAttentionProblem::error_flags.
-inline constexpr std::int32_t kErrorRowWithoutKeys = 1;  // a query row had no exact or compensated key: written as zeros
+inline constexpr std::int32_t kErrorRowWithoutKeys = 1;  // a row had no exact or compensated key: zeros
 inline constexpr std::int32_t kErrorBadWorkTile = 2;     // a work tile named a bad (bh, cluster, row): skipped
 
 struct SparseAttentionProblem {

@@ -1,0 +1,278 @@
+// The CUDA pipeline: validation at the boundary, then the stages of src/cuda/stages.hpp and the
+// attention kernel on the caller's stream, timed with CUDA events, with one synchronization at
+// the end for the report.
+#include "cuda/attention_cuda.hpp"
+
+#include <cuda_runtime.h>
+
+#include <array>
+#include <cstring>
+#include <string>
+
+#include "core/validation.hpp"
+#include "cuda/cuda_check.hpp"
+#include "cuda/device_buffer.hpp"
+#include "cuda/finite_check.hpp"
+#include "cuda/sparse_attention.hpp"
+#include "cuda/stages.hpp"
+#include "svgear/error.hpp"
+
+namespace svgear::cuda {
+
+namespace {
+
+// The centroids a LayerState keeps on the device between steps.
+struct DeviceCentroids {
+  float* q = nullptr;
+  float* k = nullptr;
+  ~DeviceCentroids() {
+    cudaFree(q);
+    cudaFree(k);
+  }
+};
+
+void check_cuda_view(const TensorView& t, const char* name, DType dtype) {
+  const std::string n = std::string("tensor '") + name + "'";
+  if (t.dtype != DType::bf16 && t.dtype != DType::f16) {
+    throw Error(n + " is " + dtype_name(t.dtype) + ": the CUDA path takes BF16 or F16 (convert, e.g. .to(torch.bfloat16))");
+  }
+  if (t.dtype != dtype) throw Error(n + " is " + dtype_name(t.dtype) + " but q is " + dtype_name(dtype) + ": use one dtype");
+  if (t.shape[3] != 64 && t.shape[3] != 128) {
+    throw Error(n + " has head dim " + std::to_string(t.shape[3]) + ": the CUDA path supports D = 64 and 128");
+  }
+  if (t.strides[3] != 1) throw Error(n + " has a non-contiguous last axis: make it contiguous (.contiguous())");
+  const bool aligned = reinterpret_cast<std::uintptr_t>(t.data) % 16 == 0 && t.strides[0] % 8 == 0 &&
+                       t.strides[1] % 8 == 0 && t.strides[2] % 8 == 0;
+  if (!aligned) throw Error(n + " rows are not 16-byte aligned: pass a contiguous tensor");
+  cudaPointerAttributes attributes{};
+  if (cudaPointerGetAttributes(&attributes, t.data) != cudaSuccess ||
+      (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged)) {
+    cudaGetLastError();  // clear the sticky-free error of a failed query
+    throw Error(n + " is marked as a CUDA tensor but its pointer is not device memory");
+  }
+}
+
+DeviceHeads heads_of(const TensorView& t) {
+  DeviceHeads h;
+  h.dtype = t.dtype;
+  h.batch = int(t.shape[0]);
+  h.heads = int(t.shape[1]);
+  h.tokens = t.shape[2];
+  h.head_dim = int(t.shape[3]);
+  h.tensor = DeviceTensor{t.data, t.strides[0], t.strides[1], t.strides[2]};
+  return h;
+}
+
+// Events around each stage; read once after the final synchronization.
+class StageTimer {
+ public:
+  explicit StageTimer(cudaStream_t stream) : stream_(stream) {
+    for (cudaEvent_t& e : events_) check_cuda(cudaEventCreate(&e), "cudaEventCreate");
+  }
+  ~StageTimer() {
+    for (cudaEvent_t e : events_) cudaEventDestroy(e);
+  }
+  void mark(int index) { check_cuda(cudaEventRecord(events_[std::size_t(index)], stream_), "cudaEventRecord"); }
+  double ms(int from, int to) const {
+    float value = 0;
+    check_cuda(cudaEventElapsedTime(&value, events_[std::size_t(from)], events_[std::size_t(to)]), "cudaEventElapsedTime");
+    return value;
+  }
+
+ private:
+  cudaStream_t stream_;
+  std::array<cudaEvent_t, 6> events_{};
+};
+
+template <typename T>
+std::vector<T> to_host(const T* device, std::size_t count, cudaStream_t stream) {
+  std::vector<T> host(count);
+  if (count) check_cuda(cudaMemcpyAsync(host.data(), device, count * sizeof(T), cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
+  return host;
+}
+
+}  // namespace
+
+AttentionReport attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                          const MethodConfig& config, LayerState* state, void* stream_handle, PlanExport* plan) {
+  validate_attention_inputs(q, k, v, out, config);
+  check_cuda_view(q, "q", q.dtype);
+  check_cuda_view(k, "k", q.dtype);
+  check_cuda_view(v, "v", q.dtype);
+  check_cuda_view(out, "out", q.dtype);
+  const auto stream = static_cast<cudaStream_t>(stream_handle);
+  const DeviceHeads qh = heads_of(q), kh = heads_of(k), vh = heads_of(v);
+  const std::int64_t bh = qh.count(), sq = q.tokens(), sk = k.tokens();
+  const int d = int(q.head_dim());
+
+  AttentionReport report;
+  StageTimer timer(stream);
+  timer.mark(0);
+  DeviceBuffer<std::int64_t> counters(2 + std::size_t(bh), stream);  // non-finite count, error flags, exact pairs
+  check_cuda(cudaMemsetAsync(counters.get(), 0, counters.size() * sizeof(std::int64_t), stream), "cudaMemsetAsync");
+  std::int64_t* non_finite = counters.get();
+  auto* error_flags = reinterpret_cast<std::int32_t*>(counters.get() + 1);
+  std::int64_t* exact_pairs = counters.get() + 2;
+  count_non_finite(qh, non_finite, stream);
+  count_non_finite(kh, non_finite, stream);
+  count_non_finite(vh, non_finite, stream);
+
+  SparseAttentionProblem problem;
+  problem.dtype = q.dtype;
+  problem.batch = qh.batch;
+  problem.heads = qh.heads;
+  problem.sq = sq;
+  problem.sk = sk;
+  problem.head_dim = d;
+  problem.q = qh.tensor;
+  problem.k = kh.tensor;
+  problem.v = vh.tensor;
+  problem.out = DeviceTensor{out.data, out.strides[0], out.strides[1], out.strides[2]};
+  problem.error_flags = error_flags;
+
+  const bool dense = config.policy == SelectionPolicyKind::all_blocks && config.compensation == Compensation::drop;
+  const int cq = dense ? 1 : config.clusters_q, ck = dense ? 1 : config.clusters_k;
+  DeviceBuffer<float> q_centroids, k_centroids, key_means, value_means, scores;
+  DeviceBuffer<std::int32_t> q_labels, k_labels, q_counts, k_counts, q_order, k_order, q_offsets, k_offsets;
+  DeviceBuffer<std::int32_t> selected_offsets, selected_clusters, compensated_offsets, compensated_clusters, tiles;
+  DeviceBuffer<std::uint8_t> exact;
+  std::shared_ptr<DeviceCentroids> cache;
+  if (dense) {
+    timer.mark(1);
+    timer.mark(2);
+    timer.mark(3);
+  } else {
+    // Cluster, warm-started from the state's device centroids when they fit this call.
+    const std::array<std::int64_t, 5> signature{q.batch(), q.heads(), d, cq, ck};
+    report.warm_started = state != nullptr && state->device_centroids != nullptr && state->signature == signature;
+    if (report.warm_started) {
+      cache = std::static_pointer_cast<DeviceCentroids>(state->device_centroids);
+    } else {
+      cache = std::make_shared<DeviceCentroids>();
+      check_cuda(cudaMalloc(&cache->q, sizeof(float) * std::size_t(bh * cq * d)), "cudaMalloc");
+      check_cuda(cudaMalloc(&cache->k, sizeof(float) * std::size_t(bh * ck * d)), "cudaMalloc");
+    }
+    const int iterations = report.warm_started ? config.kmeans_warm_iterations : config.kmeans_iterations;
+    q_labels = DeviceBuffer<std::int32_t>(std::size_t(bh * sq), stream);
+    k_labels = DeviceBuffer<std::int32_t>(std::size_t(bh * sk), stream);
+    q_counts = DeviceBuffer<std::int32_t>(std::size_t(bh * cq), stream);
+    k_counts = DeviceBuffer<std::int32_t>(std::size_t(bh * ck), stream);
+    q_order = DeviceBuffer<std::int32_t>(std::size_t(bh * sq), stream);
+    k_order = DeviceBuffer<std::int32_t>(std::size_t(bh * sk), stream);
+    q_offsets = DeviceBuffer<std::int32_t>(std::size_t(bh * (cq + 1)), stream);
+    k_offsets = DeviceBuffer<std::int32_t>(std::size_t(bh * (ck + 1)), stream);
+    kmeans(qh, KmeansSettings{cq, iterations, report.warm_started ? cache->q : nullptr},
+           KmeansOutputs{cache->q, q_labels.get(), q_counts.get(), q_order.get(), q_offsets.get(), nullptr}, stream);
+    kmeans(kh, KmeansSettings{ck, iterations, report.warm_started ? cache->k : nullptr},
+           KmeansOutputs{cache->k, k_labels.get(), k_counts.get(), k_order.get(), k_offsets.get(), nullptr}, stream);
+    timer.mark(1);
+
+    // Score: key/value means of the final key clusters, criticality, and the EAR probe.
+    const DeviceLayout q_layout{q_order.get(), q_offsets.get(), cq}, k_layout{k_order.get(), k_offsets.get(), ck};
+    key_means = DeviceBuffer<float>(std::size_t(bh * ck * d), stream);
+    value_means = DeviceBuffer<float>(std::size_t(bh * ck * d), stream);
+    cluster_means(kh, k_layout, key_means.get(), k_counts.get(), stream);
+    cluster_means(vh, k_layout, value_means.get(), nullptr, stream);
+    scores = DeviceBuffer<float>(std::size_t(bh * cq * ck), stream);
+    const DeviceKeySummary summary{key_means.get(), value_means.get(), k_counts.get()};
+    if (config.policy == SelectionPolicyKind::error_aware) {
+      probe_compensation_error(qh, kh, vh, q_layout, k_layout, summary, config.probe_queries, scores.get(), stream);
+    } else {
+      centroid_criticality(cache->q, key_means.get(), k_counts.get(), bh, cq, ck, d, scores.get(), stream);
+    }
+    timer.mark(2);
+
+    // Select into the kernel's CSR lists.
+    const std::size_t rows = std::size_t(bh * cq), blocks = rows * std::size_t(ck);
+    selected_offsets = DeviceBuffer<std::int32_t>(rows + 1, stream);
+    selected_clusters = DeviceBuffer<std::int32_t>(blocks, stream);
+    exact = DeviceBuffer<std::uint8_t>(blocks, stream);
+    const bool compensate = config.compensation == Compensation::centroid;
+    if (compensate) {
+      compensated_offsets = DeviceBuffer<std::int32_t>(rows + 1, stream);
+      compensated_clusters = DeviceBuffer<std::int32_t>(blocks, stream);
+    }
+    const DeviceBlockGrid grid{bh, cq, ck, sq, sk, q_offsets.get(), k_offsets.get()};
+    const DeviceBlockSelection selection{selected_offsets.get(),    selected_clusters.get(),
+                                         compensated_offsets.get(), compensated_clusters.get(),
+                                         exact_pairs,               exact.get()};
+    if (config.top_p) {
+      take_blocks_by_top_p(grid, scores.get(), *config.top_p, config.min_key_fraction, selection, stream);
+    } else {
+      DensityBudget budget;
+      budget.density = config.policy == SelectionPolicyKind::all_blocks ? 1.0 : config.density;
+      budget.every_query_cluster_needs_a_block = !compensate;
+      budget.call_wide = config.budget_scope == BudgetScope::call;
+      take_blocks_by_priority(grid, scores.get(),
+                              config.policy == SelectionPolicyKind::error_aware ? BlockScore::error_per_pair
+                                                                                : BlockScore::priority,
+                              budget, selection, stream);
+    }
+    const std::int64_t capacity = query_tile_capacity(int(bh), sq, cq);
+    tiles = DeviceBuffer<std::int32_t>(std::size_t(capacity * 3), stream);
+    problem.tile_count = build_query_tiles(q_offsets.get(), int(bh), sq, cq, tiles.get(), capacity, stream);
+    problem.tiles = tiles.get();
+    problem.query_clusters = cq;
+    problem.key_clusters = ck;
+    problem.q_order = q_order.get();
+    problem.q_offsets = q_offsets.get();
+    problem.k_order = k_order.get();
+    problem.k_offsets = k_offsets.get();
+    problem.selected_offsets = selected_offsets.get();
+    problem.selected_clusters = selected_clusters.get();
+    if (compensate) {
+      problem.compensated_offsets = compensated_offsets.get();
+      problem.compensated_clusters = compensated_clusters.get();
+      problem.key_means = key_means.get();
+      problem.value_means = value_means.get();
+      problem.key_counts = k_counts.get();
+    }
+    timer.mark(3);
+  }
+  sparse_attention(problem, stream);
+  timer.mark(4);
+
+  // The one synchronization: counters for the report and the input check.
+  const std::vector<std::int64_t> host_counters = to_host(counters.get(), counters.size(), stream);
+  if (plan != nullptr && !dense) {
+    plan->query_clusters = cq;
+    plan->key_clusters = ck;
+    plan->q_order = to_host(q_order.get(), q_order.size(), stream);
+    plan->k_order = to_host(k_order.get(), k_order.size(), stream);
+    plan->q_offsets = to_host(q_offsets.get(), q_offsets.size(), stream);
+    plan->k_offsets = to_host(k_offsets.get(), k_offsets.size(), stream);
+    plan->exact = to_host(exact.get(), exact.size(), stream);
+  }
+  timer.mark(5);
+  check_cuda(cudaStreamSynchronize(stream), "the svgear attention pipeline");
+  if (host_counters[0] != 0) {
+    throw Error("q, k or v holds " + std::to_string(host_counters[0]) +
+                " non-finite values (NaN or Inf): svgear needs finite inputs; the output is not valid");
+  }
+  std::int32_t flags = 0;
+  std::memcpy(&flags, &host_counters[1], sizeof flags);
+  if (flags != 0) throw Error("internal error: the attention kernel reported flags " + std::to_string(flags));
+
+  report.times.cluster_ms = timer.ms(0, 1);
+  report.times.score_ms = timer.ms(1, 2);
+  report.times.select_ms = timer.ms(2, 3);
+  report.times.attend_ms = timer.ms(3, 4);
+  report.times.total_ms = timer.ms(0, 4);
+  if (dense) {
+    report.exact_pairs = bh * sq * sk;
+  } else {
+    for (std::int64_t h = 0; h < bh; ++h) report.exact_pairs += host_counters[std::size_t(2 + h)];
+    report.total_blocks = bh * cq * ck;
+  }
+  report.density = double(report.exact_pairs) / (double(bh) * double(sq) * double(sk));
+  if (state != nullptr && !dense) {
+    state->signature = {q.batch(), q.heads(), d, cq, ck};
+    state->device_centroids = cache;
+    state->q_centroids.clear();
+    state->k_centroids.clear();
+    ++state->steps;
+  }
+  return report;
+}
+
+}  // namespace svgear::cuda

@@ -1,0 +1,29 @@
+// The CUDA path of svgear::attention: the same pipeline as the CPU reference (cluster, score,
+// select, attend with compensation) as kernels on the caller's stream.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "svgear/attention.hpp"
+
+namespace svgear::cuda {
+
+// What a benchmark or test needs beyond the report: the plan, copied to the host.
+struct PlanExport {
+  int query_clusters = 0, key_clusters = 0;
+  std::vector<std::int32_t> q_order, k_order;      // [BH][S]
+  std::vector<std::int32_t> q_offsets, k_offsets;  // [BH][C + 1]
+  std::vector<std::uint8_t> exact;                 // [BH][Cq][Ck]
+};
+
+// q, k, v, out: CUDA tensors, bf16 or f16 (all the same), D = 64 or 128, contiguous last axis,
+// 16-byte aligned rows. Stage times come from CUDA events. Synchronizes `stream` once at the
+// end, to read the exact-pair counts (the report's density) and the non-finite-input count.
+// Cold-start k-means uses the strided initialisation (k-means++ is sequential; on the GPU a
+// cold start happens once per layer and warm starts follow).
+AttentionReport attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                          const MethodConfig& config, LayerState* state, void* stream,
+                          PlanExport* plan = nullptr);
+
+}  // namespace svgear::cuda

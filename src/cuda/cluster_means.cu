@@ -1,0 +1,120 @@
+// Per-cluster means of rows read through a cluster layout (cpu::cluster_means), and the same
+// reduction as k-means' update step (cpu::update_centroids). One CTA per (cluster, head): the
+// sums are float64 in a fixed order, so the result is deterministic and, for 16-bit inputs,
+// equal to the CPU's float64 sums in practice.
+#include <string>
+
+#include "cuda/device_common.cuh"
+#include "cuda/stage_internals.cuh"
+
+namespace svgear::cuda {
+
+namespace detail {
+
+namespace {
+
+constexpr int kMeanWarps = 8;
+
+template <class E, int D, EmptyCluster kEmpty>
+__global__ void __launch_bounds__(kMeanWarps * 32)
+    segment_means_kernel(DeviceTensor tensor, int heads, std::int64_t tokens, const std::int32_t* order,
+                         const std::int32_t* offsets, int clusters, float* means, std::int32_t* counts,
+                         double* objective_parts) {
+  constexpr int kPerLane = D / 32;  // lane owns elements lane + 32 e: each load is coalesced
+  __shared__ double partial[kMeanWarps][D];
+  __shared__ double partial_objective[kMeanWarps];
+  const int c = blockIdx.x;
+  const std::int64_t bh = blockIdx.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const std::int32_t* head_offsets = offsets + bh * (clusters + 1);
+  const std::int32_t begin = head_offsets[c], end = head_offsets[c + 1];
+  const std::int32_t size = end > begin ? end - begin : 0;
+  const std::int64_t cluster = bh * clusters + c;
+  float* mean = means + cluster * D;
+  if (threadIdx.x == 0 && counts != nullptr) counts[cluster] = size;
+  if (size == 0) {
+    if constexpr (kEmpty == EmptyCluster::zero) {
+      for (int d = threadIdx.x; d < D; d += blockDim.x) mean[d] = 0.0f;
+    }
+    if (threadIdx.x == 0 && objective_parts != nullptr) objective_parts[cluster] = 0.0;
+    return;
+  }
+
+  float previous[kPerLane];
+  if constexpr (kEmpty == EmptyCluster::keep) {
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) previous[e] = mean[lane + 32 * e];
+  }
+  const HeadRows<E> rows = head_rows<E>(tensor, heads, bh);
+  const std::int32_t* head_order = order + bh * tokens;
+  double sum[kPerLane] = {};
+  double objective = 0.0;
+#pragma unroll 4  // several rows' loads in flight per warp
+  for (std::int32_t p = begin + warp; p < end; p += kMeanWarps) {
+    const E* row = rows.row(head_order[p]);
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) {
+      const float x = Element<E>::to_float(row[lane + 32 * e]);
+      sum[e] += double(x);
+      if constexpr (kEmpty == EmptyCluster::keep) {
+        const double diff = double(x) - double(previous[e]);
+        objective += diff * diff;
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < kPerLane; ++e) partial[warp][lane + 32 * e] = sum[e];
+  objective = warp_sum(objective);
+  if (lane == 0) partial_objective[warp] = objective;
+  __syncthreads();  // every warp has read `previous` before anyone overwrites the centroid
+
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    double total = 0.0;
+#pragma unroll
+    for (int w = 0; w < kMeanWarps; ++w) total += partial[w][d];
+    // The CPU's own roundings: update_centroids multiplies by 1/n, cluster_means divides.
+    mean[d] = kEmpty == EmptyCluster::keep ? float(total * (1.0 / double(size))) : float(total / double(size));
+  }
+  if (threadIdx.x == 0 && objective_parts != nullptr) {
+    double total = 0.0;
+    for (int w = 0; w < kMeanWarps; ++w) total += partial_objective[w];
+    objective_parts[cluster] = total;
+  }
+}
+
+}  // namespace
+
+void segment_means(const DeviceHeads& rows, const std::int32_t* order, const std::int32_t* offsets, int clusters,
+                   EmptyCluster empty, float* means, std::int32_t* counts, double* objective_parts,
+                   cudaStream_t stream) {
+  require_heads_per_launch(rows.count(), "cluster means");
+  const dim3 grid(unsigned(clusters), unsigned(rows.count()));
+  dispatch_element_and_dim(rows.dtype, rows.head_dim, [&](auto element, auto dim) {
+    using E = decltype(element);
+    constexpr int D = decltype(dim)::value;
+    if (empty == EmptyCluster::zero) {
+      segment_means_kernel<E, D, EmptyCluster::zero><<<grid, kMeanWarps * 32, 0, stream>>>(
+          rows.tensor, rows.heads, rows.tokens, order, offsets, clusters, means, counts, objective_parts);
+    } else {
+      segment_means_kernel<E, D, EmptyCluster::keep><<<grid, kMeanWarps * 32, 0, stream>>>(
+          rows.tensor, rows.heads, rows.tokens, order, offsets, clusters, means, counts, objective_parts);
+    }
+    check_launch("segment_means_kernel");
+  });
+}
+
+}  // namespace detail
+
+void cluster_means(const DeviceHeads& rows, const DeviceLayout& layout, float* means, std::int32_t* counts,
+                   void* stream) {
+  detail::validate_heads(rows, "rows");
+  if (layout.order == nullptr || layout.offsets == nullptr || means == nullptr) {
+    throw Error("cluster_means: layout.order, layout.offsets and means must be device pointers, got a null one");
+  }
+  if (layout.clusters < 1)
+    throw Error("cluster_means: the layout has " + std::to_string(layout.clusters) + " clusters");
+  detail::segment_means(rows, layout.order, layout.offsets, layout.clusters, detail::EmptyCluster::zero, means, counts,
+                        nullptr, detail::as_stream(stream));
+}
+
+}  // namespace svgear::cuda
