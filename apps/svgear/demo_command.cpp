@@ -45,9 +45,10 @@ void run_demo(const DemoOptions& options) {
     if (!(density > 0 && density <= 1)) throw Error("--densities: " + std::to_string(density) + " is outside (0, 1]");
   }
   const WorkloadShape& shape = options.shape;
-  std::printf("svgear demo: built-in video workload, %d frames x %d x %d tokens (S = %lld), %d heads, D = %d, seed %llu\n",
-              shape.frames, shape.height, shape.width, static_cast<long long>(shape.tokens()), shape.heads,
-              shape.head_dim, static_cast<unsigned long long>(shape.seed));
+  std::printf("svgear demo: built-in video workload, %d frames x %d x %d tokens (S = %lld), batch %d, %d heads, "
+              "D = %d, seed %llu\n",
+              shape.frames, shape.height, shape.width, static_cast<long long>(shape.tokens()), shape.batch,
+              shape.heads, shape.head_dim, static_cast<unsigned long long>(shape.seed));
   const SafetensorsFile workload = generate_video_workload(shape);
   const TensorView q = workload.tensors.at("q").view_bhsd("q"), k = workload.tensors.at("k").view_bhsd("k"),
                    v = workload.tensors.at("v").view_bhsd("v");
@@ -102,12 +103,7 @@ void add_demo_command(CLI::App& app) {
   auto options = std::make_shared<DemoOptions>();
   CLI::App* demo = app.add_subcommand(
       "demo", "Dense, SVG2 and SVG-EAR on the built-in workload at a few densities: error vs dense and time");
-  demo->add_option("--frames", options->shape.frames, "Frames of the token grid")->capture_default_str();
-  demo->add_option("--height", options->shape.height, "Token rows per frame")->capture_default_str();
-  demo->add_option("--width", options->shape.width, "Token columns per frame")->capture_default_str();
-  demo->add_option("--heads", options->shape.heads, "Attention heads")->capture_default_str();
-  demo->add_option("--head-dim", options->shape.head_dim, "Head dimension D")->capture_default_str();
-  demo->add_option("--workload-seed", options->shape.seed, "Seed of the built-in workload")->capture_default_str();
+  add_workload_options(*demo, options->shape, "--workload-seed");
   demo->add_option("--densities", options->densities, "Budgets to compare")->delimiter(',')->capture_default_str();
   add_method_options(*demo, options->method_options, false);
   demo->callback([options] { run_demo(*options); });

@@ -2,6 +2,7 @@
 #include <memory>
 
 #include "commands.hpp"
+#include "method_options.hpp"
 #include "svgear/safetensors.hpp"
 #include "svgear/workload.hpp"
 
@@ -19,13 +20,7 @@ void add_gen_command(CLI::App& app) {
   auto options = std::make_shared<GenOptions>();
   CLI::App* gen = app.add_subcommand("gen", "Write the built-in video-like workload (q, k, v) as safetensors");
   gen->add_option("--out", options->out, "Output file")->required();
-  gen->add_option("--frames", options->shape.frames, "Frames of the token grid")->capture_default_str();
-  gen->add_option("--height", options->shape.height, "Token rows per frame")->capture_default_str();
-  gen->add_option("--width", options->shape.width, "Token columns per frame")->capture_default_str();
-  gen->add_option("--heads", options->shape.heads, "Attention heads")->capture_default_str();
-  gen->add_option("--head-dim", options->shape.head_dim, "Head dimension D")->capture_default_str();
-  gen->add_option("--batch", options->shape.batch, "Batch size B")->capture_default_str();
-  gen->add_option("--seed", options->shape.seed, "Generator seed")->capture_default_str();
+  add_workload_options(*gen, options->shape, "--seed");
   gen->add_option("--dtype", options->dtype, "Stored dtype: F32, F16 or BF16")->capture_default_str();
   gen->callback([options] {
     const DType dtype = parse_dtype(options->dtype);
