@@ -1,5 +1,6 @@
 // The pipeline end to end on the CPU: the properties the methods promise.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include "svgear/attention.hpp"
 #include "svgear/error.hpp"
@@ -164,4 +165,15 @@ TEST(Attention, StridedAndReducedPrecisionTensors) {
   attention(view(q), view(k), view(v), view(out), small(Method::ear, 1.0));
   dense_attention(view(q), view(k), view(v), view(ref));
   EXPECT_LE(compare(view(out), view(ref)).rel_l2, 1e-2);  // bf16 output rounding only
+}
+
+TEST(Attention, SameBytesWhateverTheThreadCount) {
+  const Qkv in = clustered_qkv(256, 16, 61);
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const HostTensor one = run(in, small(Method::ear, 0.2));
+  omp_set_num_threads(std::max(threads, 2));
+  const HostTensor many = run(in, small(Method::ear, 0.2));
+  omp_set_num_threads(threads);
+  EXPECT_EQ(one.bytes, many.bytes);
 }
