@@ -234,6 +234,12 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
 
   // The one synchronization: counters for the report and the input check.
   const std::vector<std::int64_t> host_counters = to_host(counters.get(), counters.size(), stream);
+  std::int32_t selected_blocks = 0;  // the CSR's last offset
+  if (!dense) {
+    check_cuda(cudaMemcpyAsync(&selected_blocks, selected_offsets.get() + selected_offsets.size() - 1,
+                               sizeof selected_blocks, cudaMemcpyDeviceToHost, stream),
+               "cudaMemcpyAsync");
+  }
   if (plan != nullptr && !dense) {
     plan->query_clusters = cq;
     plan->key_clusters = ck;
@@ -263,6 +269,7 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
   } else {
     for (std::int64_t h = 0; h < bh; ++h) report.exact_pairs += host_counters[std::size_t(2 + h)];
     report.total_blocks = bh * cq * ck;
+    report.selected_blocks = selected_blocks;
   }
   report.density = double(report.exact_pairs) / (double(bh) * double(sq) * double(sk));
   if (state != nullptr && !dense) {

@@ -108,6 +108,8 @@ TEST(GpuPipeline, SparseErrorsTrackTheCpuPipeline) {
       EXPECT_LE(gpu_error, 1.25 * cpu_error + 1e-2) << method_name(method) << " density " << density;
       EXPECT_NEAR(gpu_report.density, cpu_report.density, 0.05);
       EXPECT_GE(gpu_report.density, density);
+      EXPECT_GT(gpu_report.selected_blocks, 0);
+      EXPECT_LT(gpu_report.selected_blocks, gpu_report.total_blocks);
     }
   }
 }
