@@ -1,15 +1,20 @@
 // Lloyd's k-means of every head at once (cpu::kmeans). Assignment is a fused tensor-core tile
-// kernel: a CTA holds 128 rows of x and streams the head's centroids through shared memory 64
-// at a time, computing x.c with mma.sync and keeping each row's running argmin of
-// ||c||^2 - 2 x.c in registers, so the S x C distance matrix never exists. The update sorts
-// tokens by label (the cluster layout, also the stage's optional output) and reduces each
-// cluster's rows in float64 (cluster_means.cu).
+// kernel: a CTA holds 256 rows of x (8 warps x 32 rows) and streams the head's packed centroids
+// through shared memory 64 at a time, computing x.c with mma.sync and keeping each row's running
+// argmin of ||c||^2 - 2 x.c in registers, so the S x C distance matrix never exists. Each warp
+// covers two m16 row blocks so every centroid fragment it reads from shared memory feeds two
+// MMAs (warp_mma_abt_rows). Lloyd's iterations use one 16-bit term of the centroids (labels
+// then differ from float64 distances only where two centroids are within ~2^-8 (bf16) of each
+// other relative to |x||c| / sqrt(D)); the stand-alone assignment keeps two terms.
+// The update sorts tokens by label (the cluster layout, also the stage's optional output) and
+// reduces each cluster's rows in float64 (cluster_means.cu).
 #include <cmath>
 #include <cub/block/block_reduce.cuh>
 #include <string>
 
 #include "cuda/device_common.cuh"
 #include "cuda/mma_tiles.cuh"
+#include "cuda/packed_centroids.cuh"
 #include "cuda/stage_internals.cuh"
 
 namespace svgear::cuda {
@@ -20,15 +25,14 @@ using namespace detail;
 
 constexpr int kAssignWarps = 8;
 constexpr int kAssignThreads = kAssignWarps * 32;
-constexpr int kAssignRows = kAssignWarps * 16;  // one m16 row block per warp
-constexpr int kAssignCentroids = 64;            // centroids per shared-memory stage
+constexpr int kAssignBlocks = 2;                              // m16 row blocks per warp
+constexpr int kAssignRows = kAssignWarps * 16 * kAssignBlocks;  // 256
+constexpr int kAssignCentroids = kCentroidTile;                 // centroids per shared-memory stage
 
-int padded_clusters(int clusters) { return (clusters + kAssignCentroids - 1) / kAssignCentroids * kAssignCentroids; }
-
-template <class E, int D>
+// Shared memory of assign_kernel: the x tile, then two stages of kTerms centroid tiles and norms.
+template <class E, int D, int kTerms>
 constexpr std::size_t assign_smem_bytes() {
-  // x tile, two stages of (hi, lo) centroid tiles, two stages of norms.
-  return std::size_t(kAssignRows + 4 * kAssignCentroids) * kTileStride<D> * sizeof(E) +
+  return std::size_t(kAssignRows + 2 * kTerms * kAssignCentroids) * kTileStride<D> * sizeof(E) +
          2 * kAssignCentroids * sizeof(float);
 }
 
@@ -45,43 +49,85 @@ __global__ void strided_init_kernel(DeviceTensor tensor, int heads, std::int64_t
   });
 }
 
-// The tensor-core operands of the centroids: hi + lo 16-bit terms in [BH][padded][D] (zero
-// padding, so tile loads need no bounds) and ||c||^2 from the fp32 centroid.
-template <class E, int D>
-__global__ void pack_centroids_kernel(const float* centroids, std::int64_t heads_total, int clusters, int padded, E* hi,
-                                      E* lo, float* norms) {
-  const int lane = threadIdx.x % 32;
-  const std::int64_t warps = std::int64_t(gridDim.x) * (blockDim.x / 32);
-  for (std::int64_t w = (blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x) / 32; w < heads_total * padded;
-       w += warps) {
-    const std::int64_t bh = w / padded;
-    const int c = int(w % padded);
-    float norm = 0.0f;
-    for (int d = lane; d < D; d += 32) {
-      float h = 0.0f, l = 0.0f;
-      if (c < clusters) {
-        const float x = centroids[(bh * clusters + c) * D + d];
-        split_hi_lo<E>(x, h, l);
-        norm += x * x;
-      }
-      hi[w * D + d] = Element<E>::from_float(h);
-      lo[w * D + d] = Element<E>::from_float(l);
-    }
-    norm = warp_sum(norm);
-    if (lane == 0) norms[w] = norm;
-  }
-}
+// Each thread's running argmin for its 4 rows (row blocks m, rows g and g + 8). Columns arrive
+// in increasing order and strict < keeps the lowest index among ties.
+struct NearestCentroid {
+  float best[kAssignBlocks][2];
+  int index[kAssignBlocks][2];
 
-template <class E, int D>
-__global__ void __launch_bounds__(kAssignThreads)
+  __device__ NearestCentroid() {
+#pragma unroll
+    for (int m = 0; m < kAssignBlocks; ++m) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        best[m][h] = INFINITY;
+        index[m][h] = 0;
+      }
+    }
+  }
+
+  // acc = x.c for the warp's 32 rows and the 64 centroids of `tile`; norms = their ||c||^2.
+  __device__ __forceinline__ void take(const float (&acc)[kAssignBlocks][kAssignCentroids / 8][4], int tile,
+                                       int clusters, const float* norms, int q) {
+#pragma unroll
+    for (int nt = 0; nt < kAssignCentroids / 8; ++nt) {
+      const float2 norm = *reinterpret_cast<const float2*>(norms + nt * 8 + 2 * q);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = tile * kAssignCentroids + nt * 8 + 2 * q + e;
+        if (c >= clusters) continue;
+        const float n = e == 0 ? norm.x : norm.y;
+#pragma unroll
+        for (int m = 0; m < kAssignBlocks; ++m) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            // ||x - c||^2 - ||x||^2 = ||c||^2 - 2 x.c
+            const float distance = fmaf(-2.0f, acc[m][nt][2 * h + e], n);
+            if (distance < best[m][h]) {
+              best[m][h] = distance;
+              index[m][h] = c;
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // Quad reduction (the 4 lanes of a row hold different columns) and the label store.
+  __device__ __forceinline__ void store(std::int32_t* labels, std::int64_t first_row, std::int64_t tokens, int lane) {
+#pragma unroll
+    for (int m = 0; m < kAssignBlocks; ++m) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int offset = 1; offset <= 2; offset <<= 1) {
+          const float other = __shfl_xor_sync(0xffffffffu, best[m][h], offset);
+          const int other_index = __shfl_xor_sync(0xffffffffu, index[m][h], offset);
+          if (other < best[m][h] || (other == best[m][h] && other_index < index[m][h])) {
+            best[m][h] = other;
+            index[m][h] = other_index;
+          }
+        }
+        const std::int64_t row = first_row + 16 * m + lane / 4 + 8 * h;
+        if (lane % 4 == 0 && row < tokens) labels[row] = index[m][h];
+      }
+    }
+  }
+};
+
+// labels[bh][row] = argmin_c ||x_row - c||^2 for the CTA's 256 rows. Two CTAs fit an SM with one
+// term (105 KB of shared memory each at D = 128, <= 128 registers), so one CTA's tile loads
+// overlap the other's MMAs; two terms take 140 KB, one CTA per SM.
+template <class E, int D, int kTerms>
+__global__ void __launch_bounds__(kAssignThreads, kTerms == 1 ? 2 : 1)
     assign_kernel(DeviceTensor tensor, int heads, std::int64_t tokens, bool aligned16, const E* centroid_hi,
                   const E* centroid_lo, const float* centroid_norms, int clusters, int padded, std::int32_t* labels) {
   constexpr int kStride = kTileStride<D>;
+  constexpr int kStageElements = kAssignCentroids * kStride;
   extern __shared__ __align__(16) unsigned char smem[];
-  E* x_tile = reinterpret_cast<E*>(smem);                   // [kAssignRows][kStride]
-  E* hi_tiles = x_tile + kAssignRows * kStride;             // [2][kAssignCentroids][kStride]
-  E* lo_tiles = hi_tiles + 2 * kAssignCentroids * kStride;  // [2][kAssignCentroids][kStride]
-  float* norm_tiles = reinterpret_cast<float*>(lo_tiles + 2 * kAssignCentroids * kStride);  // [2][64]
+  E* x_tile = reinterpret_cast<E*>(smem);                        // [kAssignRows][kStride]
+  E* centroid_tiles = x_tile + kAssignRows * kStride;            // [2 stages][kTerms][kAssignCentroids][kStride]
+  float* norm_tiles = reinterpret_cast<float*>(centroid_tiles + 2 * kTerms * kStageElements);  // [2][64]
 
   const std::int64_t bh = blockIdx.y;
   const std::int64_t row0 = std::int64_t(blockIdx.x) * kAssignRows;
@@ -89,17 +135,18 @@ __global__ void __launch_bounds__(kAssignThreads)
   load_rows<E, D, kAssignRows, kAssignThreads>(
       x_tile, rows, aligned16, [&](int r) -> std::int64_t { return row0 + r < tokens ? row0 + r : -1; });
 
-  const E* head_hi = centroid_hi + bh * padded * D;
-  const E* head_lo = centroid_lo + bh * padded * D;
+  const E* head_terms[2] = {centroid_hi + bh * padded * D, kTerms > 1 ? centroid_lo + bh * padded * D : nullptr};
   const float* head_norms = centroid_norms + bh * padded;
   auto load_centroids = [&](int tile, int stage) {
     constexpr int kChunks = D / 8;
-    for (int idx = threadIdx.x; idx < kAssignCentroids * kChunks; idx += kAssignThreads) {
-      const int r = idx / kChunks, chunk = idx % kChunks;
-      const std::int64_t src = (std::int64_t(tile) * kAssignCentroids + r) * D + chunk * 8;
-      const int dst = (stage * kAssignCentroids + r) * kStride + chunk * 8;
-      sm80::cp_async_16(sm80::shared_address(hi_tiles + dst), head_hi + src, true);
-      sm80::cp_async_16(sm80::shared_address(lo_tiles + dst), head_lo + src, true);
+#pragma unroll
+    for (int term = 0; term < kTerms; ++term) {
+      for (int idx = threadIdx.x; idx < kAssignCentroids * kChunks; idx += kAssignThreads) {
+        const int r = idx / kChunks, chunk = idx % kChunks;
+        const std::int64_t src = (std::int64_t(tile) * kAssignCentroids + r) * D + chunk * 8;
+        E* dst = centroid_tiles + (stage * kTerms + term) * kStageElements + r * kStride + chunk * 8;
+        sm80::cp_async_16(sm80::shared_address(dst), head_terms[term] + src, true);
+      }
     }
     if (threadIdx.x < kAssignCentroids / 4) {
       sm80::cp_async_16(sm80::shared_address(norm_tiles + stage * kAssignCentroids + threadIdx.x * 4),
@@ -109,9 +156,8 @@ __global__ void __launch_bounds__(kAssignThreads)
   load_centroids(0, 0);
   sm80::cp_async_commit();
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, q = lane & 3;
-  float best[2] = {INFINITY, INFINITY};  // rows g and g + 8 of the warp's 16
-  int best_index[2] = {0, 0};
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  NearestCentroid nearest;
   const int tiles = padded / kAssignCentroids;
   for (int t = 0; t < tiles; ++t) {
     const int stage = t & 1;
@@ -120,49 +166,30 @@ __global__ void __launch_bounds__(kAssignThreads)
     sm80::cp_async_wait<1>();
     __syncthreads();
 
-    const E* hi = hi_tiles + stage * kAssignCentroids * kStride;
-    const E* lo = lo_tiles + stage * kAssignCentroids * kStride;
-    float acc[kAssignCentroids / 8][4] = {};
-    warp_mma_abt<E, D, kAssignCentroids>(acc, x_tile, warp * 16, hi, lane);  // x.c = x.hi + x.lo
-    warp_mma_abt<E, D, kAssignCentroids>(acc, x_tile, warp * 16, lo, lane);
-    // ||x - c||^2 - ||x||^2 = ||c||^2 - 2 x.c; columns in increasing order, strict < keeps the
-    // lowest index among ties.
-    const float* norm = norm_tiles + stage * kAssignCentroids;
+    float acc[kAssignBlocks][kAssignCentroids / 8][4] = {};
 #pragma unroll
-    for (int nt = 0; nt < kAssignCentroids / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int local = nt * 8 + 2 * q + e;
-        const int c = t * kAssignCentroids + local;
-        if (c < clusters) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const float distance = norm[local] - 2.0f * acc[nt][2 * h + e];
-            if (distance < best[h]) {
-              best[h] = distance;
-              best_index[h] = c;
-            }
-          }
-        }
-      }
+    for (int term = 0; term < kTerms; ++term) {  // x.c = x.hi (+ x.lo)
+      // Two k16 steps unrolled: <= 128 registers without spills (two CTAs per SM hide the rest).
+      warp_mma_abt_rows<E, D, kAssignCentroids, kAssignBlocks, 2>(
+          acc, x_tile, warp * 16 * kAssignBlocks, centroid_tiles + (stage * kTerms + term) * kStageElements, lane);
     }
+    nearest.take(acc, t, clusters, norm_tiles + stage * kAssignCentroids, lane % 4);
     __syncthreads();  // the stage is reloaded next iteration
   }
+  nearest.store(labels + bh * tokens, row0 + warp * 16 * kAssignBlocks, tokens, lane);
+}
 
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-#pragma unroll
-    for (int offset = 1; offset <= 2; offset <<= 1) {
-      const float other = __shfl_xor_sync(0xffffffffu, best[h], offset);
-      const int other_index = __shfl_xor_sync(0xffffffffu, best_index[h], offset);
-      if (other < best[h] || (other == best[h] && other_index < best_index[h])) {
-        best[h] = other;
-        best_index[h] = other_index;
-      }
-    }
-    const std::int64_t row = row0 + warp * 16 + lane / 4 + 8 * h;
-    if (q == 0 && row < tokens) labels[bh * tokens + row] = best_index[h];
-  }
+template <class E, int D, int kTerms>
+void launch_assign(const DeviceHeads& points, const PackedCentroids<E, D>& packed, std::int32_t* labels,
+                   cudaStream_t stream) {
+  constexpr std::size_t smem = assign_smem_bytes<E, D, kTerms>();
+  check_cuda(cudaFuncSetAttribute(assign_kernel<E, D, kTerms>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+             "cudaFuncSetAttribute (assign_kernel shared memory)");
+  const dim3 grid(unsigned((points.tokens + kAssignRows - 1) / kAssignRows), unsigned(points.count()));
+  assign_kernel<E, D, kTerms><<<grid, kAssignThreads, smem, stream>>>(
+      points.tensor, points.heads, points.tokens, rows_aligned_16(points), packed.hi(), packed.lo(), packed.norms(),
+      packed.clusters(), packed.padded(), labels);
+  check_launch("assign_kernel");
 }
 
 __global__ void sum_objective_parts(const double* parts, int clusters, int iterations, int iteration,
@@ -175,44 +202,6 @@ __global__ void sum_objective_parts(const double* parts, int clusters, int itera
   const double total = Reduce(storage).Sum(sum);
   if (threadIdx.x == 0) objective[bh * iterations + iteration] = total;
 }
-
-// Centroid operands of one head batch, repacked after each update.
-template <class E, int D>
-class PackedCentroids {
- public:
-  PackedCentroids(std::int64_t heads_total, int clusters, cudaStream_t stream)
-      : heads_total_(heads_total),
-        clusters_(clusters),
-        padded_(padded_clusters(clusters)),
-        stream_(stream),
-        hi_(std::size_t(heads_total * padded_ * D), stream),
-        lo_(std::size_t(heads_total * padded_ * D), stream),
-        norms_(std::size_t(heads_total * padded_), stream) {}
-
-  void pack(const float* centroids) {
-    pack_centroids_kernel<E, D><<<grid_for(heads_total_ * padded_ * 32, 256), 256, 0, stream_>>>(
-        centroids, heads_total_, clusters_, padded_, hi_.get(), lo_.get(), norms_.get());
-    check_launch("pack_centroids_kernel");
-  }
-
-  void assign(const DeviceHeads& points, std::int32_t* labels) const {
-    constexpr std::size_t smem = assign_smem_bytes<E, D>();
-    check_cuda(cudaFuncSetAttribute(assign_kernel<E, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-               "cudaFuncSetAttribute (assign_kernel shared memory)");
-    const dim3 grid(unsigned((points.tokens + kAssignRows - 1) / kAssignRows), unsigned(heads_total_));
-    assign_kernel<E, D><<<grid, kAssignThreads, smem, stream_>>>(points.tensor, points.heads, points.tokens,
-                                                                 rows_aligned_16(points), hi_.get(), lo_.get(),
-                                                                 norms_.get(), clusters_, padded_, labels);
-    check_launch("assign_kernel");
-  }
-
- private:
-  std::int64_t heads_total_;
-  int clusters_, padded_;
-  cudaStream_t stream_;
-  DeviceBuffer<E> hi_, lo_;
-  DeviceBuffer<float> norms_;
-};
 
 void validate_kmeans_shape(const DeviceHeads& points, int clusters) {
   validate_heads(points, "points");
@@ -232,9 +221,9 @@ void assign_to_nearest_centroid(const DeviceHeads& points, const float* centroid
   dispatch_element_and_dim(points.dtype, points.head_dim, [&](auto element, auto dim) {
     using E = decltype(element);
     constexpr int D = decltype(dim)::value;
-    PackedCentroids<E, D> packed(points.count(), clusters, s);
+    PackedCentroids<E, D> packed(points.count(), clusters, 2, s);
     packed.pack(centroids);
-    packed.assign(points, labels);
+    launch_assign<E, D, 2>(points, packed, labels, s);
   });
 }
 
@@ -273,10 +262,10 @@ void kmeans(const DeviceHeads& points, const KmeansSettings& settings, const Kme
           points.tensor, points.heads, tokens, heads_total, clusters, out.centroids);
       check_launch("strided_init_kernel");
     }
-    PackedCentroids<E, D> packed(heads_total, clusters, s);
+    PackedCentroids<E, D> packed(heads_total, clusters, 1, s);
     for (int iteration = 0; iteration < settings.iterations; ++iteration) {
       packed.pack(out.centroids);
-      packed.assign(points, out.labels);
+      launch_assign<E, D, 1>(points, packed, out.labels, s);
       layout.build(out.labels, order, offsets);
       segment_means(points, order, offsets, clusters, EmptyCluster::keep, out.centroids, out.counts,
                     out.objective != nullptr ? objective_parts.get() : nullptr, s);

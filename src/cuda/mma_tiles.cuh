@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/device_common.cuh"
 #include "cuda/sm80_primitives.cuh"
@@ -60,6 +61,60 @@ __device__ __forceinline__ void warp_mma_abt(float (&acc)[N / 8][4], const E* a_
       sm80::mma_m16n8k16<E>(acc[n0 / 8 + 1], a, b[2], b[3]);
     }
   }
+}
+
+// acc[m][n / 8] += A[row0 + 16 m .. + 16) . B[n]^T for kBlocks row blocks of 16 (one warp):
+// every B fragment read from shared memory feeds kBlocks MMAs. With one block a warp reads
+// (16 + N) x 32 bytes per 16 x N x 16 step, about 320 bytes per MMA at N = 64, which is more than
+// the 128 bytes per clock shared memory delivers per tensor-core MMA slot; two blocks halve it.
+// kUnrollK k16 steps are unrolled (fewer: fewer fragments prefetched, fewer registers).
+template <class E, int D, int N, int kBlocks, int kUnrollK = D / 16>
+__device__ __forceinline__ void warp_mma_abt_rows(float (&acc)[kBlocks][N / 8][4], const E* a_tile, int row0,
+                                                  const E* b_tile, int lane) {
+#pragma unroll(kUnrollK)
+  for (int k0 = 0; k0 < D; k0 += 16) {
+    std::uint32_t a[kBlocks][4];
+#pragma unroll
+    for (int m = 0; m < kBlocks; ++m) sm80::ldmatrix_x4(a[m], a_fragment<E, D>(a_tile, row0 + 16 * m, k0, lane));
+#pragma unroll
+    for (int n0 = 0; n0 < N; n0 += 16) {
+      std::uint32_t b[4];
+      sm80::ldmatrix_x4(b, b_fragment<E, D>(b_tile, n0, k0, lane));
+#pragma unroll
+      for (int m = 0; m < kBlocks; ++m) {
+        sm80::mma_m16n8k16<E>(acc[m][n0 / 8], a[m], b[0], b[1]);
+        sm80::mma_m16n8k16<E>(acc[m][n0 / 8 + 1], a[m], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// d = a * b for one m16n8k16 tile (no accumulator input): starts a sum without first zeroing
+// the accumulator registers.
+template <typename Element>
+__device__ __forceinline__ void mma_m16n8k16_overwrite(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
+                                                       std::uint32_t b1) {
+  const float zero = 0.0f;
+  if constexpr (std::is_same_v<Element, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %10, %10, %10};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(zero));
+  } else {
+    static_assert(std::is_same_v<Element, __half>, "mma_m16n8k16_overwrite: bf16 or f16 operands");
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %10, %10, %10};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(zero));
+  }
+}
+
+// 4-byte global -> shared copy (.ca); valid == false zero-fills without reading the source.
+__device__ __forceinline__ void cp_async_4(std::uint32_t dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 }
 
 // x = hi + lo + O(2^-16 |x|): two 16-bit terms carry an fp32 operand through the 16-bit tensor

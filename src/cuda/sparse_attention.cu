@@ -10,7 +10,8 @@
 //
 // Layering (FlashAttention's hopper/ split): AttentionTraits fixes tile sizes and stages;
 // SelectedKeys / mean slots say *which* rows a tile holds; the mainloop copies and multiplies
-// tiles; the epilogue normalises and scatters. A wgmma path would be a new traits + mainloop.
+// tiles; the epilogue normalises and scatters. The Hopper (wgmma) variant of the same function
+// is sparse_attention_sm90.cu; sparse_attention() below picks one per call.
 #include "cuda/sparse_attention.hpp"
 
 #include <cuda_bf16.h>
@@ -20,18 +21,24 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cub/block/block_scan.cuh>
 #include <limits>
 #include <string>
 
 #include "cuda/cuda_check.hpp"
 #include "cuda/sm80_primitives.cuh"
+#include "cuda/sparse_attention_internal.hpp"
 #include "svgear/error.hpp"
 
 namespace svgear::cuda {
 namespace {
 
 using sm80::kFullMask;
+using attention::KernelParams;
+using attention::raise_error;
+using attention::SelectedKeys;
+using attention::SlotInfo;
 
 // ---------------------------------------------------------------------------------------------
 // Traits: everything a variant changes. The mainloop and epilogue read sizes only from here.
@@ -83,37 +90,8 @@ struct SharedStorage {
   long long partial[Traits::kWarps];
 };
 
-// What the kernel reads: the problem with strides unpacked and derived constants.
-struct KernelParams {
-  const std::uint16_t* q;
-  const std::uint16_t* k;
-  const std::uint16_t* v;
-  std::uint16_t* out;
-  std::int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];  // b, h, s
-  int heads, bh_count, sq, sk, query_clusters, key_clusters;
-  const std::int32_t* q_order;
-  const std::int32_t* q_offsets;
-  const std::int32_t* k_order;
-  const std::int32_t* k_offsets;
-  const std::int32_t* selected_offsets;
-  const std::int32_t* selected_clusters;
-  const std::int32_t* compensated_offsets;
-  const std::int32_t* compensated_clusters;
-  const float* key_means;
-  const float* value_means;
-  const std::int32_t* key_counts;
-  const std::int32_t* tiles;
-  int implicit_tiles_per_head;  // with tiles == nullptr
-  std::int32_t* error_flags;
-  float scale_log2;  // log2(e) / sqrt(D): logits go straight into exp2
-};
-
-__device__ __forceinline__ void raise_error(const KernelParams& p, std::int32_t bit) {
-  if (p.error_flags != nullptr) atomicOr(p.error_flags, bit);
-}
-
 // ---------------------------------------------------------------------------------------------
-// Work tiles and key sequences: which rows a CTA reads.
+// Work tiles: which query rows a CTA reads.
 // ---------------------------------------------------------------------------------------------
 
 struct WorkTile {
@@ -146,75 +124,6 @@ __device__ bool fetch_work_tile(const KernelParams& p, WorkTile& tile) {
   tile = WorkTile{bh, cluster, first, min(kQueryTile, end - first)};
   return true;
 }
-
-// The exact keys of one query cluster: the concatenation, in list order, of its selected key
-// clusters' permuted key ranges. Each warp walks it with a window of 32 listed clusters, lane l
-// holding cluster l's inclusive prefix of sizes, so mapping a position to its key is a 5-step
-// shuffle search and the list itself is read once per 32 clusters, not per tile.
-struct SelectedKeys {
-  const std::int32_t* clusters;  // the row's list (null: entry e is key cluster e)
-  const std::int32_t* offsets;   // k_offsets of this head (null: one cluster of all keys)
-  const std::int32_t* order;     // k_order of this head (null: identity)
-  int entry_begin, entry_end, key_clusters, sk;
-  int next_entry = 0, window_begin = 0, window_size = 0;  // warp-uniform
-  int lane_inclusive = 0, lane_base = 0;                  // per lane: prefix end, permuted key of position window_begin
-
-  // Keys [begin, begin + size) of the cluster listed at `entry`, clamped into [0, sk): a bad
-  // id or offset costs keys, never an out-of-bounds read.
-  __device__ int cluster_keys(int entry, int& begin) const {
-    const int j = clusters != nullptr ? clusters[entry] : entry;
-    begin = 0;
-    if (j < 0 || j >= key_clusters) return 0;
-    if (offsets == nullptr) return sk;
-    begin = min(max(offsets[j], 0), sk);
-    return min(max(offsets[j + 1], begin), sk) - begin;
-  }
-
-  __device__ void load_next_window(int lane) {
-    int begin = 0, size = 0;
-    if (next_entry + lane < entry_end) size = cluster_keys(next_entry + lane, begin);
-    int inclusive = size;
-#pragma unroll
-    for (int delta = 1; delta < 32; delta <<= 1) {
-      const int below = __shfl_up_sync(kFullMask, inclusive, delta);
-      if (lane >= delta) inclusive += below;
-    }
-    window_begin += window_size;
-    window_size = __shfl_sync(kFullMask, inclusive, 31);
-    lane_inclusive = inclusive;
-    lane_base = begin - (inclusive - size);
-    next_entry += 32;
-  }
-
-  // Original key index at concatenated `position` (-1 at or past `total`). Warp-collective;
-  // every lane's positions must not decrease from call to call.
-  __device__ int key_at(int position, int total, int lane) {
-    int permuted = -1;
-    for (;;) {
-      const int relative = position - window_begin;
-      int lo = 0;  // lanes whose clusters end at or before `relative`
-#pragma unroll
-      for (int step = 16; step > 0; step >>= 1) {
-        if (__shfl_sync(kFullMask, lane_inclusive, lo + step - 1) <= relative) lo += step;
-      }
-      const int base = __shfl_sync(kFullMask, lane_base, min(lo, 31));
-      if (position < total && relative >= 0 && relative < window_size) permuted = base + relative;
-      const bool beyond = position < total && relative >= window_size;
-      if (!__any_sync(kFullMask, beyond) || next_entry >= entry_end) break;
-      load_next_window(lane);
-    }
-    if (permuted < 0) return -1;
-    const int key = order != nullptr ? order[permuted] : permuted;
-    return unsigned(key) < unsigned(sk) ? key : -1;
-  }
-};
-
-// One row of a tile as the lane that names it sees it: an exact key (index = original key
-// index) or a pseudo-key (index = key cluster, count = n_j); index < 0 is padding.
-struct SlotInfo {
-  int index = -1;
-  int count = 0;
-};
 
 // ---------------------------------------------------------------------------------------------
 // Mainloop: copies into shared memory and the tensor-core tile step.
@@ -763,6 +672,24 @@ void launch_for_head_dim(const KernelParams& params, int head_dim, std::int64_t 
   }
 }
 
+// SVGEAR_ATTENTION_KERNEL: "sm80" forces the mma.sync kernel, "sm90" the wgmma one (an error
+// where it cannot run), unset or "auto" takes the wgmma kernel wherever it can run. Read per
+// call, so a test can run the same problem on both.
+bool use_sm90_kernel() {
+  const char* variable = std::getenv("SVGEAR_ATTENTION_KERNEL");
+  const std::string choice = variable != nullptr ? variable : "";
+  if (choice == "sm80") return false;
+  if (choice == "sm90") {
+    require(sm90_attention_available(),
+            "SVGEAR_ATTENTION_KERNEL=sm90 needs a compute capability 9.0 GPU and a build with CUDA architecture 90a "
+            "(CMAKE_CUDA_ARCHITECTURES); unset it to pick the kernel automatically");
+    return true;
+  }
+  require(choice.empty() || choice == "auto",
+          "SVGEAR_ATTENTION_KERNEL='" + choice + "' is not one of sm80, sm90, auto");
+  return sm90_attention_available();
+}
+
 }  // namespace
 
 void sparse_attention(const SparseAttentionProblem& problem, void* stream) {
@@ -772,6 +699,10 @@ void sparse_attention(const SparseAttentionProblem& problem, void* stream) {
   require(ctas <= std::numeric_limits<int>::max(), "too many work tiles for one launch");
   if (ctas == 0) return;
   const auto cuda_stream = static_cast<cudaStream_t>(stream);
+  if (use_sm90_kernel()) {
+    attention::launch_sm90(params, problem, cuda_stream);
+    return;
+  }
   if (problem.dtype == DType::bf16) {
     launch_for_head_dim<__nv_bfloat16>(params, problem.head_dim, ctas, cuda_stream);
   } else {

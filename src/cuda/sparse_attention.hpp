@@ -76,7 +76,16 @@ inline constexpr int kQueryTile = 64;
 // Throws svgear::Error on unsupported dtype/head_dim, missing arrays or misaligned tensors;
 // checks the launch. Asynchronous on `stream` (a cudaStream_t; null = the legacy default
 // stream): no host synchronization.
+//
+// Two kernels compute the same function: a wgmma (Hopper, sm_90a) one, taken on a compute
+// capability 9.0 device when the build includes CUDA architecture 90a, and an mma.sync one
+// everywhere else. The environment variable SVGEAR_ATTENTION_KERNEL=sm80 forces the mma.sync
+// kernel, =sm90 the wgmma one (an error where it cannot run); it is read on every call.
 void sparse_attention(const SparseAttentionProblem& problem, void* stream);
+
+// Whether the wgmma kernel can run on the current device (compute capability 9.0 and an
+// sm_90a build of the kernel in this binary).
+bool sm90_attention_available();
 
 // Entries of the work list for bh_count heads of sq queries in query_clusters clusters: an upper
 // bound, per head ceil(sq / 64) + min(query_clusters, sq) (each non-empty cluster wastes at

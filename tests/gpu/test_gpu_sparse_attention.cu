@@ -2,12 +2,16 @@
 // inputs: random and clustered data, both element types and head dims, drop and compensation,
 // tails (S = 1, 127, 4097), sq != sk, clusters of one token, empty clusters, strided (B, S, H, D)
 // tensors, and the dense (identity, one cluster) mode. Outputs are poisoned with NaN first.
+// Every case runs on each kernel sparse_attention can pick (GpuSparseAttentionKernel/sm80 and
+// /sm90; the wgmma one only on a compute capability 9.0 GPU, skipped elsewhere).
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -27,6 +31,33 @@ namespace {
 using cuda::check_cuda;
 
 constexpr double kTolerance = 1e-2;  // relative L2 error against the float64 CPU reference
+
+// Runs the test body with SVGEAR_ATTENTION_KERNEL set to the parameter (the caller's value is
+// restored after); the wgmma kernel's instance is skipped where it cannot run.
+class GpuSparseAttentionKernel : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    if (GetParam() == "sm90" && !cuda::sm90_attention_available()) {
+      GTEST_SKIP() << "the wgmma kernel needs a compute capability 9.0 GPU and an sm_90a build";
+    }
+    if (const char* previous = std::getenv(kVariable)) previous_ = previous;
+    setenv(kVariable, GetParam().c_str(), 1);
+  }
+  void TearDown() override {
+    if (previous_) {
+      setenv(kVariable, previous_->c_str(), 1);
+    } else {
+      unsetenv(kVariable);
+    }
+  }
+
+ private:
+  static constexpr const char* kVariable = "SVGEAR_ATTENTION_KERNEL";
+  std::optional<std::string> previous_;
+};
+
+INSTANTIATE_TEST_SUITE_P(Kernels, GpuSparseAttentionKernel, ::testing::Values("sm80", "sm90"),
+                         [](const ::testing::TestParamInfo<std::string>& info) { return info.param; });
 
 template <typename T>
 class DeviceArray {
@@ -130,6 +161,7 @@ struct Case {
   bool compensate = false;
   bool bshd = false;      // q, k, v and out stored as [B, S, H, D]
   int classes = 0;        // > 0: clustered tokens
+  bool reversed_tiles = false;  // work list entries in reverse order (no two of a cluster adjacent in order)
   std::uint64_t seed = 1;
 };
 
@@ -277,6 +309,15 @@ Outcome run_case(const Case& c) {
   }
   problem.tiles = d_tiles.get();
   problem.tile_count = cuda::build_query_tiles(d_q_offsets.get(), bh_count, c.sq, cq, d_tiles.get(), capacity, nullptr);
+  if (c.reversed_tiles) {
+    std::vector<std::int32_t> tiles = d_tiles.download();
+    for (std::size_t lo = 0, hi = tiles.size() / 3; lo + 1 < hi; ++lo, --hi) {
+      std::swap_ranges(tiles.begin() + std::ptrdiff_t(3 * lo), tiles.begin() + std::ptrdiff_t(3 * lo + 3),
+                       tiles.begin() + std::ptrdiff_t(3 * (hi - 1)));
+    }
+    check_cuda(cudaMemcpy(d_tiles.get(), tiles.data(), tiles.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice),
+               "cudaMemcpy H2D (reversed work list)");
+  }
   problem.error_flags = d_flags.get();
 
   check_cuda(cudaMemset(dout.get(), 0xff, q.bits.size() * sizeof(std::uint16_t)), "cudaMemset (NaN poison)");
@@ -328,13 +369,13 @@ void expect_matches_all_variants(Case c) {
   }
 }
 
-TEST(GpuSparseAttention, SmallTail127) {
+TEST_P(GpuSparseAttentionKernel, SmallTail127) {
   Case c;
   c.name = "S=127";
   expect_matches_all_variants(c);
 }
 
-TEST(GpuSparseAttention, SmallSingleToken) {
+TEST_P(GpuSparseAttentionKernel, SmallSingleToken) {
   Case c;
   c.name = "S=1";
   c.sq = c.sk = 1;
@@ -343,7 +384,7 @@ TEST(GpuSparseAttention, SmallSingleToken) {
   expect_matches_all_variants(c);
 }
 
-TEST(GpuSparseAttention, SmallSqDiffersFromSkWithBatches) {
+TEST_P(GpuSparseAttentionKernel, SmallSqDiffersFromSkWithBatches) {
   Case c;
   c.name = "sq=100 sk=333 B=3 H=1";
   c.batch = 3;
@@ -356,7 +397,7 @@ TEST(GpuSparseAttention, SmallSqDiffersFromSkWithBatches) {
   expect_matches_all_variants(c);
 }
 
-TEST(GpuSparseAttention, SmallClustersOfOneToken) {
+TEST_P(GpuSparseAttentionKernel, SmallClustersOfOneToken) {
   Case c;
   c.name = "singleton clusters";
   c.sq = 70;
@@ -366,7 +407,7 @@ TEST(GpuSparseAttention, SmallClustersOfOneToken) {
   expect_matches_all_variants(c);
 }
 
-TEST(GpuSparseAttention, SmallStridedBshd) {
+TEST_P(GpuSparseAttentionKernel, SmallStridedBshd) {
   Case c;
   c.name = "[B, S, H, D] layout";
   c.batch = 1;
@@ -378,7 +419,7 @@ TEST(GpuSparseAttention, SmallStridedBshd) {
   expect_matches_all_variants(c);
 }
 
-TEST(GpuSparseAttention, SmallFullSelection) {
+TEST_P(GpuSparseAttentionKernel, SmallFullSelection) {
   Case c;
   c.name = "full selection";
   c.density = 1;
@@ -387,7 +428,7 @@ TEST(GpuSparseAttention, SmallFullSelection) {
   expect_matches_all_variants(c);
 }
 
-TEST(GpuSparseAttention, ManySmallClusters) {
+TEST_P(GpuSparseAttentionKernel, ManySmallClusters) {
   Case c;
   c.name = "many small clusters";
   c.sq = c.sk = 1000;
@@ -398,7 +439,23 @@ TEST(GpuSparseAttention, ManySmallClusters) {
   expect_matches_all_variants(c);
 }
 
-TEST(GpuSparseAttention, LargeClusteredCompensation) {
+// Any order of the work list gives the same result; reversed, no entry is followed by the next
+// 64 rows of its cluster, so a kernel that takes 128-row tiles must run every entry unpaired.
+TEST_P(GpuSparseAttentionKernel, SmallWorkListInReverseOrder) {
+  Case c;
+  c.name = "reversed work list";
+  c.batch = 2;
+  c.heads = 1;
+  c.sq = 300;
+  c.sk = 260;
+  c.cq = 3;
+  c.ck = 9;
+  c.density = 0.5;
+  c.reversed_tiles = true;
+  expect_matches_all_variants(c);
+}
+
+TEST_P(GpuSparseAttentionKernel, LargeClusteredCompensation) {
   Case c;
   c.name = "S=4097 clustered";
   c.sq = c.sk = 4097;
@@ -416,7 +473,7 @@ TEST(GpuSparseAttention, LargeClusteredCompensation) {
   expect_matches(c);
 }
 
-TEST(GpuSparseAttention, LargeRandomDrop) {
+TEST_P(GpuSparseAttentionKernel, LargeRandomDrop) {
   Case c;
   c.name = "S=4097 random";
   c.sq = c.sk = 4097;
@@ -519,7 +576,7 @@ void expect_dense_matches(const DenseCase& c, std::uint64_t seed) {
   EXPECT_LE(std::sqrt(diff / std::max(norm, 1e-30)), kTolerance);
 }
 
-TEST(GpuSparseAttention, SmallDense) {
+TEST_P(GpuSparseAttentionKernel, SmallDense) {
   std::uint64_t seed = 10;
   for (DType dtype : {DType::bf16, DType::f16}) {
     for (int d : {64, 128}) {
@@ -532,14 +589,14 @@ TEST(GpuSparseAttention, SmallDense) {
   }
 }
 
-TEST(GpuSparseAttention, LargeDense) {
+TEST_P(GpuSparseAttentionKernel, LargeDense) {
   expect_dense_matches({DType::bf16, 128, 1, 3, 4097, 4097, false, false}, 40);
   expect_dense_matches({DType::f16, 64, 1, 3, 4097, 4097, true, true}, 41);
 }
 
 // Drop mode with a query cluster that selects nothing: its rows come out as zeros (not NaN)
 // and the kernel raises kErrorRowWithoutKeys.
-TEST(GpuSparseAttention, SmallRowWithoutKeysIsFlagged) {
+TEST_P(GpuSparseAttentionKernel, SmallRowWithoutKeysIsFlagged) {
   const int sq = 130, sk = 64, d = 64;
   const HostTensor4 q = make_tensor(1, 1, sq, d, DType::bf16, false, 1.0, 0, 91);
   const HostTensor4 k = make_tensor(1, 1, sk, d, DType::bf16, false, 1.0, 0, 92);
@@ -593,6 +650,26 @@ TEST(GpuSparseAttention, SmallWorkListPadsWithEmptyTiles) {
   const std::vector<std::int32_t> expected{0, 1, 0,   0, 2, 1,   0, 3, 65,  0, 3, 129, 0, 5, 130, 0, 5, 194,
                                            0, 5, 258, 0, 5, 322, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1};
   EXPECT_EQ(tiles, expected);
+}
+
+TEST(GpuSparseAttention, RejectsUnknownKernelChoice) {
+  const HostTensor4 q = make_tensor(1, 1, 8, 64, DType::bf16, false, 1.0, 0, 95);
+  const DeviceArray<std::uint16_t> dq(q.bits), dout(q.bits.size());
+  cuda::SparseAttentionProblem problem;
+  problem.batch = problem.heads = 1;
+  problem.sq = problem.sk = 8;
+  problem.head_dim = 64;
+  problem.q = problem.k = problem.v = q.view(dq.get());
+  problem.out = q.view(dout.get());
+  const char* previous = std::getenv("SVGEAR_ATTENTION_KERNEL");
+  const std::string saved = previous != nullptr ? previous : "";
+  setenv("SVGEAR_ATTENTION_KERNEL", "sm70", 1);
+  EXPECT_THROW(cuda::sparse_attention(problem, nullptr), Error);
+  if (previous != nullptr) {
+    setenv("SVGEAR_ATTENTION_KERNEL", saved.c_str(), 1);
+  } else {
+    unsetenv("SVGEAR_ATTENTION_KERNEL");
+  }
 }
 
 TEST(GpuSparseAttention, RejectsUnsupportedProblems) {

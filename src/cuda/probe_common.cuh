@@ -1,0 +1,108 @@
+// What the EAR probe's kernels share (error_probe.cu, probe_exact_sweep.cuh,
+// probe_cluster_sweep.cuh): the CTA shape, the arguments, the fp16 value scale and the
+// key/value tile loads.
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "cuda/device_common.cuh"
+#include "cuda/mma_tiles.cuh"
+
+namespace svgear::cuda::detail::probe {
+
+// A CTA: 4 warps x 32 probe rows (two m16 blocks per warp, so each key or value fragment read
+// from shared memory feeds two MMAs), keys in tiles of 64.
+inline constexpr int kWarps = 4;
+inline constexpr int kThreads = kWarps * 32;
+inline constexpr int kRowBlocks = 2;
+inline constexpr int kRowsPerWarp = 16 * kRowBlocks;
+inline constexpr int kRows = kWarps * kRowsPerWarp;  // 128
+inline constexpr int kKeys = 64;
+inline constexpr int kBatch = 16;  // key clusters whose data the cluster sweep stages at a time
+
+template <class E>
+struct Args {
+  DeviceTensor q, k;
+  int heads;
+  std::int64_t sq, sk;
+  bool q_aligned, k_aligned;
+  // v in key-cluster order (row p = v[k_order[p]]), times 2^value_exponent, as fp16: [BH][Sk][D].
+  const __half* values;
+  const unsigned* value_abs_max;  // [BH]: bit pattern of max |v| (non-negative floats order as unsigned)
+  const std::int32_t* q_offsets;  // [BH][Cq + 1]
+  const std::int32_t* k_order;    // [BH][Sk]
+  const std::int32_t* k_offsets;  // [BH][Ck + 1]
+  int query_clusters, key_clusters;
+
+  // The probe rows of each head (list_probe_rows).
+  const std::int32_t* row_token;    // [BH][row_capacity]
+  const std::int32_t* row_cluster;  // [BH][row_capacity]
+  const std::int32_t* row_count;    // [BH]
+  std::int64_t row_capacity;
+  int row_blocks;  // ceil(row_capacity / kRows)
+  int probes;
+
+  // Sweep 1 writes one softmax state per (row, key chunk); the combine merges them.
+  int exact_chunks;
+  float* part_max;          // [BH][exact_chunks][row_capacity], log2 units
+  float* part_denominator;  // [BH][exact_chunks][row_capacity]
+  float* part_output;       // [BH][exact_chunks][row_capacity][D], unnormalised
+  float* row_max;           // [BH][row_capacity]: m, log2 units
+  float* row_denominator;   // [BH][row_capacity]: M = sum exp2(l - m)
+  float* row_output;        // [BH][row_capacity][D]: o, in the scaled value units
+
+  // Sweep 2: chunk c of head bh owns key clusters [chunk_clusters[c], chunk_clusters[c + 1]).
+  int cluster_chunks;
+  const std::int32_t* chunk_clusters;  // [BH][cluster_chunks + 1]
+  const E* mean_hi;                    // [BH][padded][D]: key means, hi + lo 16-bit terms
+  const E* mean_lo;
+  int padded_clusters;
+  const float* value_means;        // [BH][Ck][D]
+  const std::int32_t* key_counts;  // [BH][Ck]
+  float* error;                    // [BH][Cq][Ck], zeroed
+};
+
+// e with max |v| 2^e in [2^14, 2^15): v 2^e fits fp16 (largest finite 65504), and only values
+// under 2^-24 (2^-38 of the scaled maximum) lose bits to fp16's subnormals. 0 for an all-zero
+// or non-finite head; clamped so 2^e and 2^-2e stay finite floats.
+__device__ __forceinline__ int value_exponent(unsigned max_bits) {
+  const float m = __uint_as_float(max_bits);
+  if (!(m > 0.0f) || !isfinite(m)) return 0;
+  int x = 0;
+  frexpf(m, &x);  // m = f 2^x, f in [0.5, 1)
+  return min(max(15 - x, -60), 60);
+}
+
+// The key rows of positions [first, first + kKeys) through k_order (gathered) and their fp16
+// values (contiguous); positions at or past `end` load as zero rows. The caller commits.
+template <class E, int D>
+__device__ __forceinline__ void load_key_tile(E* k_tile, __half* v_tile, const HeadRows<E>& k_rows, bool k_aligned,
+                                              const std::int32_t* k_order, const __half* values, std::int64_t first,
+                                              std::int64_t end) {
+  load_rows<E, D, kKeys, kThreads>(k_tile, k_rows, k_aligned, [&](int r) -> std::int64_t {
+    return first + r < end ? std::int64_t(k_order[first + r]) : -1;
+  });
+  load_rows<__half, D, kKeys, kThreads>(v_tile, HeadRows<__half>{values, D}, true, [&](int r) -> std::int64_t {
+    return first + r < end ? first + r : -1;
+  });
+}
+
+// The CTA's probe rows of Q (gathered through row_token; zero rows past the head's count).
+template <class E, int D>
+__device__ __forceinline__ void load_probe_rows(E* q_tile, const Args<E>& a, std::int64_t bh, std::int64_t row0,
+                                                std::int64_t rows_in_head) {
+  const HeadRows<E> q_rows = head_rows<E>(a.q, a.heads, bh);
+  const std::int32_t* tokens = a.row_token + bh * a.row_capacity;
+  load_rows<E, D, kRows, kThreads>(q_tile, q_rows, a.q_aligned, [&](int r) -> std::int64_t {
+    return row0 + r < rows_in_head ? std::int64_t(tokens[row0 + r]) : -1;
+  });
+}
+
+// Two fp32 probabilities as one fp16x2 A-fragment register.
+__device__ __forceinline__ std::uint32_t pack_probabilities(float low, float high) {
+  return sm80::pack_pair<__half>(low, high);
+}
+
+}  // namespace svgear::cuda::detail::probe
