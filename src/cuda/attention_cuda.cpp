@@ -84,6 +84,37 @@ class StageTimer {
   std::array<cudaEvent_t, 6> events_{};
 };
 
+// A second stream that starts after everything enqueued on `parent` so far; join() makes the
+// parent wait for everything enqueued on it. The stream and events are released once their
+// work completes.
+class ForkedStream {
+ public:
+  explicit ForkedStream(cudaStream_t parent) : parent_(parent) {
+    check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    check_cuda(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    check_cuda(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    check_cuda(cudaEventRecord(fork_, parent_), "cudaEventRecord (fork)");
+    check_cuda(cudaStreamWaitEvent(stream_, fork_, 0), "cudaStreamWaitEvent (fork)");
+  }
+  ~ForkedStream() {
+    cudaEventDestroy(fork_);
+    cudaEventDestroy(join_);
+    cudaStreamDestroy(stream_);
+  }
+  ForkedStream(const ForkedStream&) = delete;
+  ForkedStream& operator=(const ForkedStream&) = delete;
+
+  void* get() const { return stream_; }
+  void join() const {
+    check_cuda(cudaEventRecord(join_, stream_), "cudaEventRecord (join)");
+    check_cuda(cudaStreamWaitEvent(parent_, join_, 0), "cudaStreamWaitEvent (join)");
+  }
+
+ private:
+  cudaStream_t parent_, stream_ = nullptr;
+  cudaEvent_t fork_ = nullptr, join_ = nullptr;
+};
+
 template <typename T>
 std::vector<T> to_host(const T* device, std::size_t count, cudaStream_t stream) {
   std::vector<T> host(count);
@@ -132,7 +163,7 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
 
   const bool dense = config.policy == SelectionPolicyKind::all_blocks && config.compensation == Compensation::drop;
   const int cq = dense ? 1 : config.clusters_q, ck = dense ? 1 : config.clusters_k;
-  DeviceBuffer<float> q_centroids, k_centroids, key_means, value_means, scores;
+  DeviceBuffer<float> value_means, scores;
   DeviceBuffer<std::int32_t> q_labels, k_labels, q_counts, k_counts, q_order, k_order, q_offsets, k_offsets;
   DeviceBuffer<std::int32_t> selected_offsets, selected_clusters, compensated_offsets, compensated_clusters, tiles;
   DeviceBuffer<std::uint8_t> exact;
@@ -161,24 +192,32 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
     k_order = DeviceBuffer<std::int32_t>(std::size_t(bh * sk), stream);
     q_offsets = DeviceBuffer<std::int32_t>(std::size_t(bh * (cq + 1)), stream);
     k_offsets = DeviceBuffer<std::int32_t>(std::size_t(bh * (ck + 1)), stream);
-    kmeans(qh, KmeansSettings{cq, iterations, report.warm_started ? cache->q : nullptr},
-           KmeansOutputs{cache->q, q_labels.get(), q_counts.get(), q_order.get(), q_offsets.get(), nullptr}, stream);
-    kmeans(kh, KmeansSettings{ck, iterations, report.warm_started ? cache->k : nullptr},
-           KmeansOutputs{cache->k, k_labels.get(), k_counts.get(), k_order.get(), k_offsets.get(), nullptr}, stream);
+    // Q's and K's k-means are independent: Q's runs on a side stream, so its small kernels (the
+    // sort, the means) fill the gaps of K's.
+    {
+      const ForkedStream side(stream);
+      kmeans(qh, KmeansSettings{cq, iterations, report.warm_started ? cache->q : nullptr},
+             KmeansOutputs{cache->q, q_labels.get(), q_counts.get(), q_order.get(), q_offsets.get(), nullptr},
+             side.get());
+      kmeans(kh, KmeansSettings{ck, iterations, report.warm_started ? cache->k : nullptr},
+             KmeansOutputs{cache->k, k_labels.get(), k_counts.get(), k_order.get(), k_offsets.get(), nullptr}, stream);
+      side.join();
+    }
     timer.mark(1);
 
-    // Score: key/value means of the final key clusters, criticality, and the EAR probe.
+    // Score: key/value means of the final key clusters, criticality, and the EAR probe. The key
+    // means are K's final centroids: the last update averaged exactly these clusters (an empty
+    // cluster keeps a stale centroid instead of zeros, but no stage reads an empty cluster's mean).
     const DeviceLayout q_layout{q_order.get(), q_offsets.get(), cq}, k_layout{k_order.get(), k_offsets.get(), ck};
-    key_means = DeviceBuffer<float>(std::size_t(bh * ck * d), stream);
+    const float* key_means = cache->k;
     value_means = DeviceBuffer<float>(std::size_t(bh * ck * d), stream);
-    cluster_means(kh, k_layout, key_means.get(), k_counts.get(), stream);
     cluster_means(vh, k_layout, value_means.get(), nullptr, stream);
     scores = DeviceBuffer<float>(std::size_t(bh * cq * ck), stream);
-    const DeviceKeySummary summary{key_means.get(), value_means.get(), k_counts.get()};
+    const DeviceKeySummary summary{key_means, value_means.get(), k_counts.get()};
     if (config.policy == SelectionPolicyKind::error_aware) {
       probe_compensation_error(qh, kh, vh, q_layout, k_layout, summary, config.probe_queries, scores.get(), stream);
     } else {
-      centroid_criticality(cache->q, key_means.get(), k_counts.get(), bh, cq, ck, d, scores.get(), stream);
+      centroid_criticality(cache->q, key_means, k_counts.get(), bh, cq, ck, d, scores.get(), stream);
     }
     timer.mark(2);
 
@@ -223,7 +262,7 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
     if (compensate) {
       problem.compensated_offsets = compensated_offsets.get();
       problem.compensated_clusters = compensated_clusters.get();
-      problem.key_means = key_means.get();
+      problem.key_means = cache->k;
       problem.value_means = value_means.get();
       problem.key_counts = k_counts.get();
     }

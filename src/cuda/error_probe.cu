@@ -138,6 +138,9 @@ void validate_probe_inputs(const DeviceHeads& q, const DeviceHeads& k, const Dev
                 std::to_string(v.tokens));
   }
   require_heads_per_launch(q.count(), "probe_compensation_error");
+  if (k.tokens > std::int64_t(INT32_MAX) - 128) {
+    throw Error("probe_compensation_error: " + std::to_string(k.tokens) + " keys per head exceed the int32 positions");
+  }
   if (queries.order == nullptr || queries.offsets == nullptr || keys.order == nullptr || keys.offsets == nullptr ||
       summary.key_means == nullptr || summary.value_means == nullptr || summary.counts == nullptr || error == nullptr) {
     throw Error("probe_compensation_error: layouts, summary and error must be device pointers, got a null one");
@@ -151,7 +154,6 @@ void validate_probe_inputs(const DeviceHeads& q, const DeviceHeads& k, const Dev
   if (probes < 1)
     throw Error("probe_compensation_error: probes_per_cluster must be >= 1, got " + std::to_string(probes));
 }
-
 
 // How many chunks to split the keys into: among counts giving between 2 and 8 waves of `slots`
 // resident CTAs, the smallest whose last wave is at least ~94% full (else the fullest), capped
@@ -168,7 +170,10 @@ int chunks_for_waves(std::int64_t units, std::int64_t slots, std::int64_t max_ch
       best = c;
       break;
     }
-    if (fill > best_fill) best = c, best_fill = fill;
+    if (fill > best_fill) {
+      best = c;
+      best_fill = fill;
+    }
   }
   return int(std::max<std::int64_t>(1, std::min(best, max_chunks)));
 }
@@ -205,26 +210,27 @@ void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
   const std::int64_t units = heads_total * row_blocks;
   const int exact_chunks =
       chunks_for_waves(units, resident_ctas(probe::exact_sweep_kernel<E, D>, exact_smem), key_tiles);
-  const int cluster_chunks = chunks_for_waves(units, resident_ctas(probe::cluster_sweep_kernel<E, D>, cluster_smem), ck);
+  const int cluster_chunks =
+      chunks_for_waves(units, resident_ctas(probe::cluster_sweep_kernel<E, D>, cluster_smem), ck);
   if (std::int64_t(row_blocks) * std::max(exact_chunks, cluster_chunks) > std::int64_t(INT32_MAX)) {
-    throw Error("probe_compensation_error: " + std::to_string(capacity) + " probe rows per head are too many for one launch");
+    throw Error("probe_compensation_error: " + std::to_string(capacity) +
+                " probe rows per head are too many for one launch");
   }
 
   DeviceBuffer<std::int32_t> row_token(std::size_t(heads_total * capacity), s);
   DeviceBuffer<std::int32_t> row_cluster(std::size_t(heads_total * capacity), s);
   DeviceBuffer<std::int32_t> row_count(std::size_t(heads_total), s);
   DeviceBuffer<std::int32_t> chunk_clusters(std::size_t(heads_total * (cluster_chunks + 1)), s);
-  list_probe_rows<<<unsigned(heads_total), 256, 0, s>>>(queries.order, queries.offsets, q.tokens, cq, probes, capacity,
-                                                        row_token.get(), row_cluster.get(), row_count.get(),
-                                                        keys.offsets, k.tokens, ck, cluster_chunks,
-                                                        chunk_clusters.get());
+  list_probe_rows<<<unsigned(heads_total), 256, 0, s>>>(
+      queries.order, queries.offsets, q.tokens, cq, probes, capacity, row_token.get(), row_cluster.get(),
+      row_count.get(), keys.offsets, k.tokens, ck, cluster_chunks, chunk_clusters.get());
   check_launch("list_probe_rows");
 
   DeviceBuffer<unsigned> value_max(std::size_t(heads_total), s);
   zero_async(value_max.get(), value_max.size(), s, "cudaMemsetAsync (probe value max)");
   const unsigned max_blocks = unsigned(std::clamp<std::int64_t>((v.tokens + 127) / 128, 1, 64));
-  value_abs_max_kernel<E><<<dim3(max_blocks, unsigned(heads_total)), 256, 0, s>>>(v.tensor, v.heads, v.tokens, D,
-                                                                                  value_max.get());
+  value_abs_max_kernel<E>
+      <<<dim3(max_blocks, unsigned(heads_total)), 256, 0, s>>>(v.tensor, v.heads, v.tokens, D, value_max.get());
   check_launch("value_abs_max_kernel");
   DeviceBuffer<__half> values(std::size_t(heads_total * k.tokens * D), s);
   scaled_values_kernel<E, D><<<grid_for(heads_total * k.tokens * 32, 256), 256, 0, s>>>(

@@ -25,7 +25,7 @@ using namespace detail;
 
 constexpr int kAssignWarps = 8;
 constexpr int kAssignThreads = kAssignWarps * 32;
-constexpr int kAssignBlocks = 2;                              // m16 row blocks per warp
+constexpr int kAssignBlocks = 2;                                // m16 row blocks per warp
 constexpr int kAssignRows = kAssignWarps * 16 * kAssignBlocks;  // 256
 constexpr int kAssignCentroids = kCentroidTile;                 // centroids per shared-memory stage
 
@@ -125,8 +125,8 @@ __global__ void __launch_bounds__(kAssignThreads, kTerms == 1 ? 2 : 1)
   constexpr int kStride = kTileStride<D>;
   constexpr int kStageElements = kAssignCentroids * kStride;
   extern __shared__ __align__(16) unsigned char smem[];
-  E* x_tile = reinterpret_cast<E*>(smem);                        // [kAssignRows][kStride]
-  E* centroid_tiles = x_tile + kAssignRows * kStride;            // [2 stages][kTerms][kAssignCentroids][kStride]
+  E* x_tile = reinterpret_cast<E*>(smem);              // [kAssignRows][kStride]
+  E* centroid_tiles = x_tile + kAssignRows * kStride;  // [2 stages][kTerms][kAssignCentroids][kStride]
   float* norm_tiles = reinterpret_cast<float*>(centroid_tiles + 2 * kTerms * kStageElements);  // [2][64]
 
   const std::int64_t bh = blockIdx.y;

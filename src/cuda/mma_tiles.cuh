@@ -125,18 +125,32 @@ __device__ __forceinline__ void split_hi_lo(float x, float& hi, float& lo) {
   lo = x - hi;
 }
 
+// 16-byte cp.async (.cg) as sm80::cp_async_16, without the "memory" clobber (as CUTLASS's
+// copy atoms): the compiler may then hoist the loads that compute the next source addresses
+// (gathered row indices) above earlier copies instead of paying one memory latency per row.
+// Safe because nothing reads a destination before cp_async_wait (which keeps its clobber) and
+// a barrier, and nothing writes one with plain stores while copies are in flight.
+__device__ __forceinline__ void cp_async_16_unordered(std::uint32_t dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
 // Loads ROWS rows of D elements into a [ROWS][D + 8] tile; token_of(r) gives row r's token, or
 // -1 for a zero row (tails). Aligned rows go by cp.async (the caller commits and waits), others
-// by plain loads (the caller's __syncthreads publishes them).
+// by plain loads (the caller's __syncthreads publishes them). token_of is called by every lane
+// of a warp alike (it may shuffle). A gathered token should not be a global load here: each
+// would wait for memory before its row's copy (see probe::TileTokens).
 template <class E, int D, int ROWS, int THREADS, class TokenOf>
 __device__ __forceinline__ void load_rows(E* tile, const HeadRows<E>& rows, bool aligned16, TokenOf token_of) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  static_assert(ROWS * kChunks % THREADS == 0, "every lane runs the same iterations");
   for (int idx = threadIdx.x; idx < ROWS * kChunks; idx += THREADS) {
     const int r = idx / kChunks, chunk = idx % kChunks;
     const std::int64_t token = token_of(r);
     E* dst = tile + r * kTileStride<D> + chunk * 8;
     if (aligned16) {
-      sm80::cp_async_16(sm80::shared_address(dst), token >= 0 ? rows.row(token) + chunk * 8 : rows.base, token >= 0);
+      cp_async_16_unordered(sm80::shared_address(dst), token >= 0 ? rows.row(token) + chunk * 8 : rows.base,
+                            token >= 0);
     } else {
       const E* src = token >= 0 ? rows.row(token) + chunk * 8 : nullptr;
 #pragma unroll

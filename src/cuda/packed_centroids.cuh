@@ -19,8 +19,8 @@ inline int padded_clusters(int clusters) { return (clusters + kCentroidTile - 1)
 
 // One warp per (head, padded centroid); lanes stride the D elements.
 template <class E, int D>
-__global__ void pack_centroids_kernel(const float* centroids, std::int64_t heads_total, int clusters, int padded,
-                                      E* hi, E* lo, float* norms) {
+__global__ void pack_centroids_kernel(const float* centroids, std::int64_t heads_total, int clusters, int padded, E* hi,
+                                      E* lo, float* norms) {
   const int lane = threadIdx.x % 32;
   const std::int64_t warps = std::int64_t(gridDim.x) * (blockDim.x / 32);
   for (std::int64_t w = (blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x) / 32; w < heads_total * padded;

@@ -20,7 +20,7 @@
 namespace svgear::cuda::detail::probe {
 
 template <class E, int D>
-struct ClusterBatch {
+struct alignas(16) ClusterBatch {
   float value_means[kBatch][D];
   E mean_hi[kBatch][kTileStride<D>];
   E mean_lo[kBatch][kTileStride<D>];
@@ -29,13 +29,14 @@ struct ClusterBatch {
 };
 
 template <class E, int D>
-struct ClusterSweepShared {
+struct alignas(16) ClusterSweepShared {
   E q[kRows][kTileStride<D>];
   E k[2][kKeys][kTileStride<D>];
   __half v[2][kKeys][kTileStride<D>];
   // o of the thread's fragment elements, thread-private: [warp][row block][d tile][lane] holds
   // (row g, cols 2q, 2q + 1), (row g + 8, same cols) of the C layout.
   float4 output[kWarps][kRowBlocks][D / 8][32];
+  float2 denominator[kWarps][kRowBlocks][32];  // M of the thread's rows g, g + 8 (also thread-private)
   ClusterBatch<E, D> batch[2];
   float logits[kRows][kBatch + 1];  // log2 of the stand-in mass before - m; +1: no bank conflicts
   float errors[kRows][kBatch + 1];  // per probe row, until summed over its query cluster
@@ -43,9 +44,13 @@ struct ClusterSweepShared {
   float row_weight[kRows];
 };
 
+static_assert(sizeof(ClusterSweepShared<__nv_bfloat16, 128>) <= 227 * 1024,
+              "the cluster sweep must fit an H100's 227 KB");
+
 // c = a * b (kOverwrite) or c += a * b for fp16 operands.
 template <bool kOverwrite>
-__device__ __forceinline__ void mma_f16(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
+__device__ __forceinline__ void mma_f16(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
+                                        std::uint32_t b1) {
   if constexpr (kOverwrite) {
     mma_m16n8k16_overwrite<__half>(c, a, b0, b1);
   } else {
@@ -71,7 +76,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
   const int j_begin = chunk_clusters[chunk], j_end = chunk_clusters[chunk + 1];
   if (j_begin >= j_end) return;
   const std::int32_t* k_offsets = a.k_offsets + bh * (ck + 1);
-  const std::int64_t p_begin = k_offsets[j_begin], p_end = k_offsets[j_end];
+  const int p_begin = k_offsets[j_begin], p_end = k_offsets[j_end];  // positions < 2^31
   const int exponent = value_exponent(a.value_abs_max[bh]);
   const float value_scale = ldexpf(1.0f, exponent), value_unscale = ldexpf(1.0f, -exponent);
 
@@ -118,37 +123,43 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
     }
   };
 
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   int batch_first = j_begin - j_begin % kBatch, buffer = 0;
+  TileTokens tokens;  // of the next tile to load
+  tokens.load(k_order, p_begin, p_end, lane);
   load_probe_rows<E, D>(&sh.q[0][0], a, bh, row0, rows_in_head);
-  load_key_tile<E, D>(&sh.k[0][0][0], &sh.v[0][0][0], k_rows, a.k_aligned, k_order, values, p_begin, p_end);
+  load_key_tile<E, D>(&sh.k[0][0][0], &sh.v[0][0][0], k_rows, a.k_aligned, tokens, values, p_begin, p_end);
+  tokens.load(k_order, std::int64_t(p_begin) + kKeys, p_end, lane);
   load_batch(0, batch_first);
   if (batch_first + kBatch < j_end) load_batch(1, batch_first + kBatch);
   sm80::cp_async_commit();
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   const float scale_log2 = 1.4426950408889634f / sqrtf(float(D));
 
   // m, M and o of the thread's rows (rows past the head's count: m = 0, M = 1, o = 0, finite).
-  float row_max[kRowBlocks][2], denominator[kRowBlocks][2];
+  float row_max[kRowBlocks][2];
 #pragma unroll
   for (int m = 0; m < kRowBlocks; ++m) {
     std::int64_t row[2];
     bool valid[2];
+    float denominator[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       row[h] = row0 + warp * kRowsPerWarp + 16 * m + g + 8 * h;
       valid[h] = row[h] < rows_in_head;
       row_max[m][h] = valid[h] ? a.row_max[bh * a.row_capacity + row[h]] : 0.0f;
-      denominator[m][h] = valid[h] ? a.row_denominator[bh * a.row_capacity + row[h]] : 1.0f;
+      denominator[h] = valid[h] ? a.row_denominator[bh * a.row_capacity + row[h]] : 1.0f;
     }
+    sh.denominator[warp][m][lane] = make_float2(denominator[0], denominator[1]);
 #pragma unroll
     for (int nt = 0; nt < kDTiles; ++nt) {
       float2 part[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        part[h] = valid[h] ? *reinterpret_cast<const float2*>(a.row_output + (bh * a.row_capacity + row[h]) * D +
-                                                              nt * 8 + 2 * q)
-                           : make_float2(0.0f, 0.0f);
+        part[h] =
+            valid[h]
+                ? *reinterpret_cast<const float2*>(a.row_output + (bh * a.row_capacity + row[h]) * D + nt * 8 + 2 * q)
+                : make_float2(0.0f, 0.0f);
       }
       sh.output[warp][m][nt][lane] = make_float4(part[0].x, part[0].y, part[1].x, part[1].y);
     }
@@ -179,24 +190,25 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
   __syncthreads();
   stand_in_logits(0);
 
-  // Probabilities of the tile's keys as fp16 A fragments: p[m][ks] covers keys 16 ks .. 16 ks + 15.
-  std::uint32_t p[kRowBlocks][kKeys / 16][4];
-  auto probabilities = [&](int stage) {
+  // Probabilities of half `half` of the tile (32 keys) as fp16 A fragments: p[m][ks] covers
+  // keys 16 ks .. 16 ks + 15 of the half. Halves keep 32 fp32 logits live, not 64, next to the
+  // 128 accumulators of a_j.
+  constexpr int kHalf = kKeys / 2;
+  std::uint32_t p[kRowBlocks][kHalf / 16][4];
+  auto probabilities = [&](int stage, int half) {
+    float s[kRowBlocks][kHalf / 8][4] = {};
+    warp_mma_abt_rows<E, D, kHalf, kRowBlocks, 2>(s, &sh.q[0][0], warp * kRowsPerWarp, &sh.k[stage][kHalf * half][0],
+                                                  lane);
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {  // 32 keys at a time: fewer live fp32 logits
-      float s[kRowBlocks][4][4] = {};
-      warp_mma_abt_rows<E, D, 32, kRowBlocks, 2>(s, &sh.q[0][0], warp * kRowsPerWarp, &sh.k[stage][32 * half][0], lane);
+    for (int m = 0; m < kRowBlocks; ++m) {
 #pragma unroll
-      for (int m = 0; m < kRowBlocks; ++m) {
+      for (int nt = 0; nt < kHalf / 8; ++nt) {
+        float e[4];
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          float e[4];
-#pragma unroll
-          for (int x = 0; x < 4; ++x) e[x] = sm80::exp2_approx(fmaf(s[m][nt][x], scale_log2, -row_max[m][x >> 1]));
-          const int ks = 2 * half + nt / 2, r = 2 * (nt & 1);
-          p[m][ks][r] = pack_probabilities(e[0], e[1]);
-          p[m][ks][r + 1] = pack_probabilities(e[2], e[3]);
-        }
+        for (int x = 0; x < 4; ++x) e[x] = sm80::exp2_approx(fmaf(s[m][nt][x], scale_log2, -row_max[m][x >> 1]));
+        const int ks = nt / 2, r = 2 * (nt & 1);
+        p[m][ks][r] = pack_probabilities(e[0], e[1]);
+        p[m][ks][r + 1] = pack_probabilities(e[2], e[3]);
       }
     }
   };
@@ -206,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
   float acc[kRowBlocks][kDTiles][4];
   float mass[kRowBlocks][4];
   bool fresh = true;
-  auto accumulate_slice = [&](const std::uint32_t (&pm)[kRowBlocks][4], const __half* v_tile, int ks, auto overwrite) {
+  auto accumulate_slice = [&](const std::uint32_t(&pm)[kRowBlocks][4], const __half* v_tile, int ks, auto overwrite) {
     constexpr bool kOverwrite = decltype(overwrite)::value;
 #pragma unroll
     for (int d0 = 0; d0 < D; d0 += 16) {
@@ -221,11 +233,11 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
 #pragma unroll
     for (int m = 0; m < kRowBlocks; ++m) mma_f16<kOverwrite>(mass[m], pm[m], kOnes, kOnes);
   };
-  // The cluster's keys in tile columns [lo, hi).
-  auto accumulate = [&](int stage, int lo, int hi) {
-    const __half* v_tile = &sh.v[stage][0][0];
+  // The cluster's keys in columns [lo, hi) of half `half` of the tile.
+  auto accumulate = [&](int stage, int half, int lo, int hi) {
+    const __half* v_tile = &sh.v[stage][kHalf * half][0];
 #pragma unroll
-    for (int ks = 0; ks < kKeys / 16; ++ks) {
+    for (int ks = 0; ks < kHalf / 16; ++ks) {
       if (ks * 16 + 16 <= lo || ks * 16 >= hi) continue;
       const int c = ks * 16 + 2 * q;  // a0/a1 hold columns c, c + 1; a2/a3 hold c + 8, c + 9
       auto keep = [&](int column, std::uint32_t bits) { return column >= lo && column < hi ? bits : 0u; };
@@ -289,10 +301,11 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
     }
 #pragma unroll
     for (int m = 0; m < kRowBlocks; ++m) {
+      const float2 denominator = sh.denominator[warp][m][lane];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const float total = quad_sum(squared[m][h]);
-        const float compensated_mass = denominator[m][h] + delta[m][h];
+        const float compensated_mass = (h == 0 ? denominator.x : denominator.y) + delta[m][h];
         if (q == 0) {
           sh.errors[warp * kRowsPerWarp + 16 * m + g + 8 * h][jj] = total / (compensated_mass * compensated_mass);
         }
@@ -319,40 +332,45 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
     }
   };
 
-  const std::int64_t tiles = p_end > p_begin ? (p_end - p_begin + kKeys - 1) / kKeys : 1;
+  const int tiles = p_end > p_begin ? (p_end - p_begin + kKeys - 1) / kKeys : 1;
   int cluster = j_begin;
-  for (std::int64_t t = 0; t < tiles; ++t) {
-    const int stage = int(t & 1);
-    const std::int64_t first = p_begin + t * kKeys, tile_end = std::min(first + kKeys, p_end);
+  for (int t = 0; t < tiles; ++t) {
+    const int stage = t & 1;
     if (t + 1 < tiles) {
-      load_key_tile<E, D>(&sh.k[stage ^ 1][0][0], &sh.v[stage ^ 1][0][0], k_rows, a.k_aligned, k_order, values,
-                          first + kKeys, p_end);
+      load_key_tile<E, D>(&sh.k[stage ^ 1][0][0], &sh.v[stage ^ 1][0][0], k_rows, a.k_aligned, tokens, values,
+                          std::int64_t(p_begin) + std::int64_t(t + 1) * kKeys, p_end);
+      tokens.load(k_order, std::int64_t(p_begin) + std::int64_t(t + 2) * kKeys, p_end, lane);
     }
     sm80::cp_async_commit();
     sm80::cp_async_wait<1>();
     __syncthreads();
-    probabilities(stage);
-
-    // Key clusters are contiguous in this order: walk those meeting the tile (uniform over the
-    // CTA), accumulating each one's part and finishing those that end here.
-    while (cluster < j_end) {
-      const int jj = cluster - batch_first;
-      const std::int64_t begin = sh.batch[buffer].offsets[jj], end = sh.batch[buffer].offsets[jj + 1];
-      const int lo = int(std::max(begin, first) - first), hi = int(std::min(end, tile_end) - first);
-      if (lo < hi) accumulate(stage, lo, hi);
-      if (end > tile_end) break;  // the cluster goes on in the next tile
-      if (sh.batch[buffer].counts[jj] > 0) finish(jj, buffer);
-      fresh = true;
-      ++cluster;
-      if (cluster < j_end && cluster - batch_first == kBatch) {
-        flush(batch_first);
-        sm80::cp_async_wait<0>();  // the next batch (and the next tile) landed
-        __syncthreads();           // and every thread is done with this batch's buffer and errors
-        if (batch_first + 2 * kBatch < j_end) load_batch(buffer, batch_first + 2 * kBatch);
-        sm80::cp_async_commit();
-        batch_first += kBatch;
-        buffer ^= 1;
-        stand_in_logits(buffer);
+#pragma unroll 1
+    for (int half = 0; half < 2; ++half) {
+      const int first = p_begin + t * kKeys + kHalf * half;  // < Sk + kKeys: the host keeps Sk <= 2^31 - 1 - 128
+      const int half_end = std::min(first + kHalf, p_end);
+      if (half == 1 && first >= p_end) break;  // uniform
+      probabilities(stage, half);
+      // Key clusters are contiguous in this order: walk those meeting the half (uniform over the
+      // CTA), accumulating each one's part and finishing those that end here.
+      while (cluster < j_end) {
+        const int jj = cluster - batch_first;
+        const int begin = sh.batch[buffer].offsets[jj], end = sh.batch[buffer].offsets[jj + 1];
+        const int lo = std::max(begin, first) - first, hi = std::min(end, half_end) - first;
+        if (lo < hi) accumulate(stage, half, lo, hi);
+        if (end > half_end) break;  // the cluster goes on in the next half
+        if (sh.batch[buffer].counts[jj] > 0) finish(jj, buffer);
+        fresh = true;
+        ++cluster;
+        if (cluster < j_end && cluster - batch_first == kBatch) {
+          flush(batch_first);
+          sm80::cp_async_wait<0>();  // the next batch (and the next tile) landed
+          __syncthreads();           // and every thread is done with this batch's buffer and errors
+          if (batch_first + 2 * kBatch < j_end) load_batch(buffer, batch_first + 2 * kBatch);
+          sm80::cp_async_commit();
+          batch_first += kBatch;
+          buffer ^= 1;
+          stand_in_logits(buffer);
+        }
       }
     }
     __syncthreads();  // the stage is reloaded next step

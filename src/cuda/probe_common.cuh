@@ -75,18 +75,36 @@ __device__ __forceinline__ int value_exponent(unsigned max_bits) {
   return min(max(15 - x, -60), 60);
 }
 
-// The key rows of positions [first, first + kKeys) through k_order (gathered) and their fp16
-// values (contiguous); positions at or past `end` load as zero rows. The caller commits.
+// The tokens of one key tile (k_order at positions first .. first + 63, -1 at or past `end`),
+// held in registers by every warp: lane l keeps positions first + l and first + 32 + l. Loaded
+// one tile before the copies that use them, so the gathered index loads never stall the copy
+// loop (one memory latency per row otherwise, with a single warp per scheduler).
+struct TileTokens {
+  static_assert(kKeys == 64, "two tokens per lane");
+  std::int32_t low = -1, high = -1;
+
+  __device__ __forceinline__ void load(const std::int32_t* k_order, std::int64_t first, std::int64_t end, int lane) {
+    low = first + lane < end ? k_order[first + lane] : -1;
+    high = first + 32 + lane < end ? k_order[first + 32 + lane] : -1;
+  }
+  // Every lane of the warp must call this (it shuffles).
+  __device__ __forceinline__ std::int64_t of(int r) const {
+    const std::int32_t from_low = __shfl_sync(0xffffffffu, low, r & 31);
+    const std::int32_t from_high = __shfl_sync(0xffffffffu, high, r & 31);
+    return r < 32 ? from_low : from_high;
+  }
+};
+
+// The key rows of positions [first, first + kKeys) (their tokens: `tokens`, loaded for this
+// `first`) and their fp16 values (contiguous); positions at or past `end` load as zero rows.
+// The caller commits.
 template <class E, int D>
 __device__ __forceinline__ void load_key_tile(E* k_tile, __half* v_tile, const HeadRows<E>& k_rows, bool k_aligned,
-                                              const std::int32_t* k_order, const __half* values, std::int64_t first,
+                                              const TileTokens& tokens, const __half* values, std::int64_t first,
                                               std::int64_t end) {
-  load_rows<E, D, kKeys, kThreads>(k_tile, k_rows, k_aligned, [&](int r) -> std::int64_t {
-    return first + r < end ? std::int64_t(k_order[first + r]) : -1;
-  });
-  load_rows<__half, D, kKeys, kThreads>(v_tile, HeadRows<__half>{values, D}, true, [&](int r) -> std::int64_t {
-    return first + r < end ? first + r : -1;
-  });
+  load_rows<E, D, kKeys, kThreads>(k_tile, k_rows, k_aligned, [&](int r) { return tokens.of(r); });
+  load_rows<__half, D, kKeys, kThreads>(v_tile, HeadRows<__half>{values, D}, true,
+                                        [&](int r) -> std::int64_t { return first + r < end ? first + r : -1; });
 }
 
 // The CTA's probe rows of Q (gathered through row_token; zero rows past the head's count).

@@ -11,11 +11,13 @@
 namespace svgear::cuda::detail::probe {
 
 template <class E, int D>
-struct ExactSweepShared {
+struct alignas(16) ExactSweepShared {
   E q[kRows][kTileStride<D>];
   E k[2][kKeys][kTileStride<D>];
   __half v[2][kKeys][kTileStride<D>];
 };
+
+static_assert(2 * sizeof(ExactSweepShared<__nv_bfloat16, 128>) <= 227 * 1024, "two exact-sweep CTAs per SM");
 
 // Two CTAs per SM (102 KB of shared memory each at D = 128): one's tile loads and softmax
 // overlap the other's MMAs.
@@ -37,11 +39,14 @@ __global__ void __launch_bounds__(kThreads, 2) exact_sweep_kernel(const Args<E> 
   const HeadRows<E> k_rows = head_rows<E>(a.k, a.heads, bh);
   const std::int32_t* k_order = a.k_order + bh * a.sk;
   const __half* values = a.values + bh * a.sk * D;
-  load_probe_rows<E, D>(&sh.q[0][0], a, bh, row0, rows_in_head);
-  load_key_tile<E, D>(&sh.k[0][0][0], &sh.v[0][0][0], k_rows, a.k_aligned, k_order, values, tile_begin * kKeys, a.sk);
-  sm80::cp_async_commit();
-
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  TileTokens tokens;  // of the next tile to load
+  tokens.load(k_order, tile_begin * kKeys, a.sk, lane);
+  load_probe_rows<E, D>(&sh.q[0][0], a, bh, row0, rows_in_head);
+  load_key_tile<E, D>(&sh.k[0][0][0], &sh.v[0][0][0], k_rows, a.k_aligned, tokens, values, tile_begin * kKeys, a.sk);
+  sm80::cp_async_commit();
+  tokens.load(k_order, (tile_begin + 1) * kKeys, a.sk, lane);
+
   const float scale_log2 = 1.4426950408889634f / sqrtf(float(D));  // logits in log2 units
 
   float o[kRowBlocks][kDTiles][4] = {};
@@ -55,8 +60,9 @@ __global__ void __launch_bounds__(kThreads, 2) exact_sweep_kernel(const Args<E> 
   for (std::int64_t t = tile_begin; t < tile_end; ++t) {
     const int stage = int(t - tile_begin) & 1;
     if (t + 1 < tile_end) {
-      load_key_tile<E, D>(&sh.k[stage ^ 1][0][0], &sh.v[stage ^ 1][0][0], k_rows, a.k_aligned, k_order, values,
+      load_key_tile<E, D>(&sh.k[stage ^ 1][0][0], &sh.v[stage ^ 1][0][0], k_rows, a.k_aligned, tokens, values,
                           (t + 1) * kKeys, a.sk);
+      tokens.load(k_order, (t + 2) * kKeys, a.sk, lane);
     }
     sm80::cp_async_commit();
     sm80::cp_async_wait<1>();
@@ -64,13 +70,13 @@ __global__ void __launch_bounds__(kThreads, 2) exact_sweep_kernel(const Args<E> 
 
     // Two halves of 32 keys, each its own online-softmax step: 32 live fp32 logits instead of 64
     // next to the 128 output accumulators.
-#pragma unroll
+#pragma unroll 1
     for (int half = 0; half < 2; ++half) {
       const std::int64_t first = t * kKeys + kHalf * half;
       if (first >= a.sk) break;  // uniform: the last tile may end in its first half
       float s[kRowBlocks][kHalf / 8][4] = {};
-      warp_mma_abt_rows<E, D, kHalf, kRowBlocks>(s, &sh.q[0][0], warp * kRowsPerWarp, &sh.k[stage][kHalf * half][0],
-                                                 lane);
+      warp_mma_abt_rows<E, D, kHalf, kRowBlocks, 2>(s, &sh.q[0][0], warp * kRowsPerWarp, &sh.k[stage][kHalf * half][0],
+                                                    lane);
       const bool tail = first + kHalf > a.sk;
 #pragma unroll
       for (int m = 0; m < kRowBlocks; ++m) {
@@ -89,7 +95,8 @@ __global__ void __launch_bounds__(kThreads, 2) exact_sweep_kernel(const Args<E> 
         for (int h = 0; h < 2; ++h) {
           float tile_max = -INFINITY;
 #pragma unroll
-          for (int nt = 0; nt < kHalf / 8; ++nt) tile_max = fmaxf(tile_max, fmaxf(s[m][nt][2 * h], s[m][nt][2 * h + 1]));
+          for (int nt = 0; nt < kHalf / 8; ++nt)
+            tile_max = fmaxf(tile_max, fmaxf(s[m][nt][2 * h], s[m][nt][2 * h + 1]));
           const float new_max = fmaxf(row_max[m][h], quad_max(tile_max));  // finite: the half has a key
           const float rescale = sm80::exp2_approx(row_max[m][h] - new_max);
           row_max[m][h] = new_max;

@@ -51,9 +51,11 @@ struct DeviceKeySummary {
 
 // ---------------------------------------------------------------------------------------------
 // 1. Clustering: Lloyd's k-means per head (cpu::kmeans with KmeansInit::strided, or warm-
-//    started from initial_centroids). Assignment: nearest centroid by ||c||^2 - 2 x.c on tensor cores (the
-//    fp32 centroid is split into two 16-bit terms, hi + lo, so x.c keeps ~16 mantissa bits;
-//    ties -> lowest index; labels differ from the CPU's float64 distances only at near-ties).
+//    started from initial_centroids). Assignment: nearest centroid by ||c||^2 - 2 x.c on tensor
+//    cores with the fp32 centroid rounded to the input's 16-bit type (ties -> lowest index):
+//    labels differ from the CPU's float64 distances only where two centroids are within about
+//    2^-8 |x||c| / sqrt(D) (bf16; 2^-11 for f16) of each other, which moves the objective by far
+//    less than the iterations do. (A strided or token-valued start is exact in 16 bits.)
 //    Update: stable sort by label (the cluster layout) and a per-cluster float64 mean; an empty
 //    cluster keeps its previous centroid.
 
@@ -82,7 +84,8 @@ struct KmeansOutputs {
 void kmeans(const DeviceHeads& points, const KmeansSettings& settings, const KmeansOutputs& out, void* stream);
 
 // One assignment step alone (cpu::assign_to_nearest_centroid without the objective):
-// labels[bh][s] = argmin_c ||x - centroids[bh][c]||^2.
+// labels[bh][s] = argmin_c ||x - centroids[bh][c]||^2, the centroids split into two 16-bit
+// terms (hi + lo, ~16 mantissa bits of x.c), so labels differ from float64 only at near-ties.
 void assign_to_nearest_centroid(const DeviceHeads& points, const float* centroids, int clusters, std::int32_t* labels,
                                 void* stream);
 
@@ -111,10 +114,13 @@ void centroid_criticality(const float* q_centroids, const float* key_means, cons
 //    sum over probe queries q of cluster i of ||o_j'(q) - o(q)||^2; 0 for empty clusters.
 //    Probe p of cluster i is the query at permuted position offsets[i] + (2p+1) size / (2
 //    probes_i), probes_i = min(probes_per_cluster, size). Two sweeps over each head's keys on
-//    tensor cores: exact row max, denominator and output first, then per key cluster its exact
-//    mass and sum of exp * v against its centroid stand-in. Deterministic for
-//    probes_per_cluster <= 64 (larger values add partial sums of one block with float atomics).
-//    q and k/v may have different token counts; k and v share the key layout.
+//    tensor cores, both split across CTAs by key chunks: the exact row max, denominator and
+//    output first, then per key cluster its mass and sum of exp * v against its centroid
+//    stand-in. P V runs on fp16 operands (P to 11 bits; v scaled per head by a power of two into
+//    fp16's range), so errors carry relative noise of ~1e-4 of a head's largest. Deterministic
+//    for probes_per_cluster <= 128 (larger values add partial sums of one block with float
+//    atomics). q and k/v may have different token counts; k and v share the key layout;
+//    summary.value_means must be 16-byte aligned.
 void probe_compensation_error(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
                               const DeviceLayout& queries, const DeviceLayout& keys, const DeviceKeySummary& summary,
                               int probes_per_cluster, float* error, void* stream);

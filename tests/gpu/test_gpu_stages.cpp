@@ -423,11 +423,12 @@ struct ProbeCase {
   int d, cq, ck, probes;
   double scale;  // logit range
   DType dtype;
+  double value_scale = 1.0;  // standard deviation of v (fp16 overflow and underflow ranges)
 };
 
 std::ostream& operator<<(std::ostream& os, const ProbeCase& c) {
   return os << "B" << c.batch << " H" << c.heads << " Sq" << c.sq << " Sk" << c.sk << " D" << c.d << " Cq" << c.cq
-            << " Ck" << c.ck << " probes " << c.probes << " " << dtype_name(c.dtype);
+            << " Ck" << c.ck << " probes " << c.probes << " " << dtype_name(c.dtype) << " |v| ~ " << c.value_scale;
 }
 
 class GpuProbe : public ::testing::TestWithParam<ProbeCase> {};
@@ -440,7 +441,8 @@ TEST_P(GpuProbe, MatchesCpuWithinOnePerMilleOfTheLargestError) {
   const TestHeads k = upload_heads(svgear::testing::clustered_tensor(c.batch, c.heads, c.sk, c.d, 9, 0.6, 22, c.scale),
                                    Layout::padded_unaligned, c.dtype);
   const TestHeads v =
-      upload_heads(svgear::testing::random_tensor({c.batch, c.heads, c.sk, c.d}, 23), Layout::bhsd, c.dtype);
+      upload_heads(svgear::testing::random_tensor({c.batch, c.heads, c.sk, c.d}, 23, c.value_scale), Layout::bhsd,
+                   c.dtype);
   std::vector<std::vector<std::int32_t>> q_labels, k_labels;
   for (int bh = 0; bh < bh_count; ++bh) {
     q_labels.push_back(labels_with_edge_clusters(c.sq, c.cq, 100 + bh));
@@ -488,11 +490,17 @@ TEST_P(GpuProbe, MatchesCpuWithinOnePerMilleOfTheLargestError) {
 INSTANTIATE_TEST_SUITE_P(Small, GpuProbe,
                          ::testing::Values(ProbeCase{1, 1, 1, 1, 128, 1, 1, 4, 1.0, DType::bf16},
                                            ProbeCase{1, 2, 127, 300, 64, 9, 23, 4, 1.0, DType::bf16},
-                                           ProbeCase{1, 1, 400, 200, 64, 3, 10, 70, 1.0, DType::bf16}));
+                                           ProbeCase{1, 1, 400, 200, 64, 3, 10, 70, 1.0, DType::bf16},
+                                           // |v| past fp16's range: the probe's value scaling.
+                                           ProbeCase{1, 1, 300, 500, 128, 7, 20, 4, 1.0, DType::bf16, 1e6}));
 INSTANTIATE_TEST_SUITE_P(Large, GpuProbe,
                          ::testing::Values(ProbeCase{1, 1, 500, 777, 128, 20, 40, 3, 2.0, DType::bf16},
                                            ProbeCase{2, 1, 4097, 4097, 128, 64, 200, 4, 1.5, DType::bf16},
-                                           ProbeCase{1, 1, 333, 517, 128, 11, 30, 4, 1.5, DType::f16}));
+                                           ProbeCase{1, 1, 333, 517, 128, 11, 30, 4, 1.5, DType::f16},
+                                           // Many key chunks and 16-cluster batches per chunk.
+                                           ProbeCase{1, 2, 3000, 5000, 128, 40, 300, 4, 1.5, DType::bf16},
+                                           // Query clusters of 100 probe rows across 128-row blocks.
+                                           ProbeCase{1, 1, 500, 800, 64, 9, 25, 100, 1.0, DType::f16}));
 
 // ---------------------------------------------------------------------------------------------
 // 6. Selection
