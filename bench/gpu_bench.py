@@ -161,7 +161,7 @@ def main():
     lines = []
     for r in rows:
         sparse_tflops = 4.0 * r["B"] * r["H"] * r["S"] ** 2 * r["D"] * r["density"] / r["attend_ms"] / 1e9
-        overhead = r["cluster_ms"] + r["score_ms"] + r["select_ms"] + r["permute_ms"]
+        overhead = r["cluster_ms"] + r["score_ms"] + r["permute_ms"]  # k-means + means + probe (+ permutations)
         cells = (r["shape"], r["S"], f'{r["cudnn_ms"]:.2f}', f'{r["cudnn_tflops"]:.0f}', f'{r["dense_ms"]:.2f}',
                  f'{r["ear_ms"]:.2f}', f'{r["cudnn_ms"] / r["ear_ms"]:.2f}', f"{sparse_tflops:.0f}",
                  f'{r.get("flex_ms", float("nan")):.2f}', f'{r.get("flex_tflops", float("nan")):.0f}',

@@ -9,6 +9,7 @@ namespace svgear {
 
 // Wall time of each pipeline stage, summed over (batch, head), in milliseconds.
 struct StageTimes {
+  double check_ms = 0;    // input validation, including the scan for NaN/Inf
   double cluster_ms = 0;
   double permute_ms = 0;
   double score_ms = 0;    // centroid scores and, for EAR, the error probe

@@ -134,6 +134,7 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
   require_finite(q, "q");
   require_finite(k, "k");
   require_finite(v, "v");
+  report.times.check_ms = elapsed_ms(start);
 
   const std::int64_t d = q.head_dim(), sq = q.tokens(), sk = k.tokens();
   const int cq = config.clusters_q, ck = config.clusters_k;

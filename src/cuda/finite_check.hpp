@@ -8,7 +8,8 @@
 
 namespace svgear::cuda {
 
-// Adds to *count (device) the number of non-finite elements of `tensor`. Asynchronous.
+// Adds to *count (device) the number of non-finite elements of `tensor` (D a multiple of 8,
+// 16-byte aligned rows, as the CUDA path requires). Asynchronous.
 void count_non_finite(const DeviceHeads& tensor, std::int64_t* count, void* stream);
 
 }  // namespace svgear::cuda
