@@ -14,6 +14,7 @@
 #include "cuda/attention_cuda.hpp"
 #include "cuda/cuda_check.hpp"
 #include "svgear/svgear.hpp"
+#include "workload_options.hpp"
 
 using namespace svgear;
 
@@ -78,12 +79,7 @@ int main(int argc, char** argv) {
   double density = 0.12;
   int clusters_q = 256, clusters_k = 1024, repeats = 10, probes = 4;
   std::string dump;
-  app.add_option("--batch", shape.batch)->capture_default_str();
-  app.add_option("--heads", shape.heads)->capture_default_str();
-  app.add_option("--frames", shape.frames)->capture_default_str();
-  app.add_option("--height", shape.height)->capture_default_str();
-  app.add_option("--width", shape.width)->capture_default_str();
-  app.add_option("--head-dim", shape.head_dim)->capture_default_str();
+  cli::add_workload_options(app, shape, "");
   app.add_option("--density", density)->capture_default_str();
   app.add_option("--clusters-q", clusters_q)->capture_default_str();
   app.add_option("--clusters-k", clusters_k)->capture_default_str();

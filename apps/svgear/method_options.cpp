@@ -38,16 +38,6 @@ void add_method_options(CLI::App& command, MethodOptions& options, bool with_bud
                      "Override the method's compensation of skipped blocks: drop or centroid");
 }
 
-void add_workload_options(CLI::App& command, WorkloadShape& shape, const std::string& seed_flag) {
-  command.add_option("--frames", shape.frames, "Frames of the token grid")->capture_default_str();
-  command.add_option("--height", shape.height, "Token rows per frame")->capture_default_str();
-  command.add_option("--width", shape.width, "Token columns per frame")->capture_default_str();
-  command.add_option("--heads", shape.heads, "Attention heads")->capture_default_str();
-  command.add_option("--head-dim", shape.head_dim, "Head dimension D")->capture_default_str();
-  command.add_option("--batch", shape.batch, "Batch size B")->capture_default_str();
-  command.add_option(seed_flag, shape.seed, "Seed of the built-in workload")->capture_default_str();
-}
-
 MethodConfig make_config(Method method, const MethodOptions& options) {
   MethodConfig config = options.defaults;
   const MethodConfig published = preset(method);

@@ -6,7 +6,7 @@
 #include <string>
 
 #include "svgear/config.hpp"
-#include "svgear/workload.hpp"
+#include "workload_options.hpp"
 
 namespace svgear::cli {
 
@@ -23,9 +23,6 @@ struct MethodOptions {
 // Adds --clusters-q, --clusters-k, --kmeans-iters, --warm-iters, --probe-queries, --seed,
 // --init, --policy, --compensation (and, with `with_budget`, --density and --top-p).
 void add_method_options(CLI::App& command, MethodOptions& options, bool with_budget);
-
-// --frames, --height, --width, --heads, --head-dim, --batch and `seed_flag` for the built-in workload.
-void add_workload_options(CLI::App& command, WorkloadShape& shape, const std::string& seed_flag);
 
 // The configuration of `method` with the flags applied; throws svgear::Error for bad values.
 MethodConfig make_config(Method method, const MethodOptions& options);
