@@ -5,6 +5,7 @@
 
 #include "commands.hpp"
 #include "method_options.hpp"
+#include "c_api_call.hpp"
 #include "svgear/attention.hpp"
 #include "svgear/error.hpp"
 #include "svgear/metrics.hpp"
@@ -82,7 +83,7 @@ void run_demo(const DemoOptions& options) {
       o.density = density;
       if (*variant.compensation) o.compensation = variant.compensation;
       const MethodConfig config = make_config(variant.method, o);
-      const AttentionReport report = attention(q, k, v, out.view_bhsd("out"), config);
+      const AttentionReport report = attention_through_c_api(q, k, v, out.view_bhsd("out"), config);
       const Comparison comparison = compare(out.view_bhsd("out"), reference.view_bhsd("reference"));
       print_row(variant.label, config, requested, report, comparison);
       if (variant.method == Method::svg2 && !*variant.compensation) svg2_error = comparison.rel_l2;

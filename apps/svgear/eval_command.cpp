@@ -5,6 +5,7 @@
 
 #include "commands.hpp"
 #include "method_options.hpp"
+#include "c_api_call.hpp"
 #include "svgear/attention.hpp"
 #include "svgear/error.hpp"
 #include "svgear/metrics.hpp"
@@ -75,7 +76,7 @@ void run_eval(const EvalOptions& options) {
   const auto dense_start = std::chrono::steady_clock::now();
   dense_attention(qv, kv, vv, reference.view_bhsd("reference"));
   const double dense_ms = milliseconds_since(dense_start);
-  const AttentionReport report = attention(qv, kv, vv, out.view_bhsd("out"), config);
+  const AttentionReport report = attention_through_c_api(qv, kv, vv, out.view_bhsd("out"), config);
   const Comparison comparison = compare(out.view_bhsd("out"), reference.view_bhsd("reference"));
 
   if (!options.output.empty()) {

@@ -34,12 +34,25 @@ struct AttentionReport {
 // `state` may be null (cold start every call). Throws svgear::Error for invalid tensors or
 // config: mismatched shapes, non-finite inputs, more clusters than tokens, density outside
 // (0, 1], CUDA tensors in a build without the CUDA path.
+//
+// `lse`, when not null, is an F32 view of shape [B, H, Sq, 1] (any non-negative strides, on
+// q's device) that receives each query row's log-sum-exp: the natural log of the softmax
+// denominator in units of the scaled scores, lse = ln sum_t exp(l_t), over exactly the terms
+// the method's softmax sums: l_t = q.k_t / sqrt(D) for every exactly computed key and, with
+// centroid compensation, l_j = q.mu_j / sqrt(D) + ln n_j for every skipped non-empty key
+// cluster j (n_j copies of its mean key). Dense attention gives the ordinary LSE; drop mode
+// only the exact keys. With it, outputs over disjoint key sets merge exactly:
+// out = (o1 e^lse1 + o2 e^lse2) / (e^lse1 + e^lse2). Every row has at least one term (drop
+// mode gives each query cluster a block; with compensation every non-empty key cluster is
+// exact or compensated), so lse is finite; the output is the same whether lse is requested.
 AttentionReport attention(const TensorView& q, const TensorView& k, const TensorView& v,
                           const TensorView& out, const MethodConfig& config,
-                          LayerState* state = nullptr, void* stream = nullptr);
+                          LayerState* state = nullptr, void* stream = nullptr,
+                          const TensorView* lse = nullptr);
 
 // Exact softmax attention (float64 accumulation): the reference every method is measured by.
+// CPU tensors only; `lse` as in attention() (the ordinary log-sum-exp of each row's scores).
 void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v,
-                     const TensorView& out);
+                     const TensorView& out, const TensorView* lse = nullptr);
 
 }  // namespace svgear

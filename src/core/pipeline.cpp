@@ -45,6 +45,13 @@ void store_head(const std::vector<float>& rows, const TensorView& t, std::int64_
       store_from_float(t.data, t.dtype, t.offset(b, h, s, d), rows[std::size_t(s * t.head_dim() + d)]);
 }
 
+// One (batch, head) of the [B, H, Sq, 1] log-sum-exp output (F32, validated).
+void store_lse_head(const std::vector<float>& rows, const TensorView& lse, std::int64_t b, std::int64_t h) {
+  for (std::int64_t s = 0; s < lse.tokens(); ++s) {
+    store_from_float(lse.data, DType::f32, lse.offset(b, h, s, 0), rows[std::size_t(s)]);
+  }
+}
+
 // The cached centroids of the state, if they fit this call's shape.
 bool state_matches(const LayerState* state, const std::array<std::int64_t, 5>& signature) {
   return state != nullptr && state->has_centroids() && state->signature == signature;
@@ -53,8 +60,8 @@ bool state_matches(const LayerState* state, const std::array<std::int64_t, 5>& s
 }  // namespace
 
 void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v,
-                     const TensorView& out) {
-  validate_attention_inputs(q, k, v, out, preset(Method::dense));
+                     const TensorView& out, const TensorView* lse) {
+  validate_attention_inputs(q, k, v, out, preset(Method::dense), lse);
   if (q.device != Device::cpu) {
     throw Error("svgear::dense_attention is the CPU reference: pass CPU tensors "
                 "(for CUDA tensors call svgear::attention with preset(Method::dense))");
@@ -63,12 +70,14 @@ void dense_attention(const TensorView& q, const TensorView& k, const TensorView&
   require_finite(k, "k");
   require_finite(v, "v");
   std::vector<float> head_out(std::size_t(q.tokens() * q.head_dim()));
+  std::vector<float> head_lse(lse != nullptr ? std::size_t(q.tokens()) : 0);
   for (std::int64_t b = 0; b < q.batch(); ++b) {
     for (std::int64_t h = 0; h < q.heads(); ++h) {
       const std::vector<float> qh = load_head(q, b, h), kh = load_head(k, b, h), vh = load_head(v, b, h);
       cpu::dense_attention_head(qh.data(), kh.data(), vh.data(), q.tokens(), k.tokens(), q.head_dim(),
-                                head_out.data());
+                                head_out.data(), lse != nullptr ? head_lse.data() : nullptr);
       store_head(head_out, out, b, h);
+      if (lse != nullptr) store_lse_head(head_lse, *lse, b, h);
     }
   }
 }
@@ -112,10 +121,11 @@ std::vector<BlockSelection> select_blocks(const std::vector<HeadPlan>& plans, co
 }  // namespace
 
 AttentionReport attention(const TensorView& q, const TensorView& k, const TensorView& v,
-                          const TensorView& out, const MethodConfig& config, LayerState* state, void* stream) {
+                          const TensorView& out, const MethodConfig& config, LayerState* state, void* stream,
+                          const TensorView* lse) {
   if (q.device == Device::cuda) {
 #ifdef SVGEAR_HAS_CUDA
-    return cuda::attention(q, k, v, out, config, state, stream);
+    return cuda::attention(q, k, v, out, config, state, stream, nullptr, lse);
 #else
     (void)stream;
     throw Error("tensor 'q' is on a CUDA device, but this build of svgear has only the CPU path: "
@@ -125,12 +135,12 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
   const auto start = Clock::now();
   AttentionReport report;
   if (config.policy == SelectionPolicyKind::all_blocks && config.compensation == Compensation::drop) {
-    dense_attention(q, k, v, out);
+    dense_attention(q, k, v, out, lse);
     report.exact_pairs = q.batch() * q.heads() * q.tokens() * k.tokens();
     report.times.attend_ms = report.times.total_ms = elapsed_ms(start);
     return report;
   }
-  validate_attention_inputs(q, k, v, out, config);
+  validate_attention_inputs(q, k, v, out, config, lse);
   require_finite(q, "q");
   require_finite(k, "k");
   require_finite(v, "v");
@@ -206,6 +216,7 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
   report.times.select_ms += elapsed_ms(stage);
 
   std::vector<float> out_permuted(static_cast<std::size_t>(sq * d)), head_out(static_cast<std::size_t>(sq * d));
+  std::vector<float> lse_permuted(lse != nullptr ? std::size_t(sq) : 0), head_lse(lse_permuted.size());
   for (std::int64_t b = 0; b < q.batch(); ++b) {
     for (std::int64_t h = 0; h < q.heads(); ++h) {
       const std::size_t head = std::size_t(b * q.heads() + h);
@@ -219,12 +230,16 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
       const cpu::KeyClusterSummary summary{plan.key_means.data(), plan.value_means.data(), plan.stats.grid.k_sizes.data()};
       cpu::block_sparse_attention(plan.qp.data(), plan.kp.data(), plan.vp.data(), d, plan.q_layout, plan.k_layout,
                                   selection, config.compensation == Compensation::centroid ? &summary : nullptr,
-                                  out_permuted.data());
+                                  out_permuted.data(), lse != nullptr ? lse_permuted.data() : nullptr);
       report.times.attend_ms += elapsed_ms(stage);
 
       stage = Clock::now();
       cpu::scatter_rows(out_permuted.data(), d, plan.q_layout, head_out.data());
       store_head(head_out, out, b, h);
+      if (lse != nullptr) {
+        cpu::scatter_rows(lse_permuted.data(), 1, plan.q_layout, head_lse.data());
+        store_lse_head(head_lse, *lse, b, h);
+      }
       report.times.permute_ms += elapsed_ms(stage);
     }
   }

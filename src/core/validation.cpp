@@ -1,5 +1,6 @@
 #include "core/validation.hpp"
 
+#include <array>
 #include <cmath>
 #include <sstream>
 #include <vector>
@@ -27,10 +28,34 @@ void check_view(const TensorView& t, const std::string& name) {
   if (t.data == nullptr) throw Error("tensor '" + name + "' has no data pointer");
 }
 
+// The log-sum-exp output: one F32 value per query row, [B, H, Sq, 1], beside q.
+void check_lse_view(const TensorView& lse, const TensorView& q) {
+  if (lse.dtype != DType::f32) {
+    throw Error("tensor 'lse' is " + dtype_name(lse.dtype) +
+                    ": the log-sum-exp output must be F32 (one float per query row, shape [B, H, Sq, 1])",
+                ErrorKind::type);
+  }
+  const std::array<std::int64_t, 4> expected{q.shape[0], q.shape[1], q.shape[2], 1};
+  if (lse.shape != expected) {
+    throw Error("tensor 'lse' has shape " + shape_of(lse) + " but must have shape [B, H, Sq, 1] = " +
+                shape_string(std::vector<std::int64_t>(expected.begin(), expected.end())) +
+                " (one value per query row of q)");
+  }
+  for (int axis = 0; axis < 4; ++axis) {
+    if (lse.strides[std::size_t(axis)] < 0) {
+      throw Error("tensor 'lse' has a negative stride: pass a tensor with non-negative strides");
+    }
+  }
+  if (lse.device != q.device) {
+    throw Error("q and lse are on different devices: put the lse output on q's device", ErrorKind::type);
+  }
+  if (lse.data == nullptr) throw Error("tensor 'lse' has no data pointer");
+}
+
 }  // namespace
 
 void validate_attention_inputs(const TensorView& q, const TensorView& k, const TensorView& v,
-                               const TensorView& out, const MethodConfig& config) {
+                               const TensorView& out, const MethodConfig& config, const TensorView* lse) {
   validate(config);
   check_view(q, "q");
   check_view(k, "k");
@@ -38,7 +63,8 @@ void validate_attention_inputs(const TensorView& q, const TensorView& k, const T
   check_view(out, "out");
   for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}, std::pair{&out, "out"}}) {
     if (t->device != q.device) {
-      throw Error(std::string("q and ") + name + " are on different devices: put q, k, v and out on one device");
+      throw Error(std::string("q and ") + name + " are on different devices: put q, k, v and out on one device",
+                  ErrorKind::type);
     }
   }
   if (k.shape != v.shape) {
@@ -57,6 +83,7 @@ void validate_attention_inputs(const TensorView& q, const TensorView& k, const T
     throw Error("out has shape " + shape_of(out) + " but q has shape " + shape_of(q) +
                 ": the output must have the shape of q");
   }
+  if (lse != nullptr) check_lse_view(*lse, q);
   if (config.policy == SelectionPolicyKind::all_blocks) return;  // dense: no clustering
   if (config.clusters_q > q.tokens()) {
     throw Error("clusters_q = " + std::to_string(config.clusters_q) + " exceeds the " +

@@ -12,7 +12,7 @@ namespace svgear::cpu {
 void block_sparse_attention(const float* qp, const float* kp, const float* vp, std::int64_t d,
                             const ClusterLayout& queries, const ClusterLayout& keys,
                             const BlockSelection& selection,
-                            const KeyClusterSummary* compensation, float* out) {
+                            const KeyClusterSummary* compensation, float* out, float* lse) {
   const int cq = queries.clusters();
   const int ck = keys.clusters();
   const double scale_factor = 1.0 / std::sqrt(double(d));
@@ -58,6 +58,7 @@ void block_sparse_attention(const float* qp, const float* kp, const float* vp, s
         }
         if (row.denominator() > 0) {
           row.write(out + r * d);
+          if (lse != nullptr) lse[r] = float(row.log_sum_exp());
         } else {
 #pragma omp atomic write
           missing_keys = true;

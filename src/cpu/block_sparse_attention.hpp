@@ -22,9 +22,11 @@ struct KeyClusterSummary {
 // qp: queries in query-cluster order; kp, vp: keys and values in key-cluster order; out: [sq][d]
 // in query-cluster order. `compensation` null means skipped blocks are dropped; then every
 // query cluster must have at least one selected non-empty block (the policies guarantee it).
+// lse (optional, [sq] in query-cluster order): each row's ln of its softmax denominator, over
+// the same terms: exact logits q.k/sqrt(d) and compensated ones q.mu/sqrt(d) + ln n.
 void block_sparse_attention(const float* qp, const float* kp, const float* vp, std::int64_t d,
                             const ClusterLayout& queries, const ClusterLayout& keys,
                             const BlockSelection& selection,
-                            const KeyClusterSummary* compensation, float* out);
+                            const KeyClusterSummary* compensation, float* out, float* lse = nullptr);
 
 }  // namespace svgear::cpu

@@ -10,7 +10,7 @@
 namespace svgear::cpu {
 
 void dense_attention_head(const float* q, const float* k, const float* v, std::int64_t sq,
-                          std::int64_t sk, std::int64_t d, float* out) {
+                          std::int64_t sk, std::int64_t d, float* out, float* lse) {
   const double scale_factor = 1.0 / std::sqrt(double(d));
 #pragma omp parallel
   {
@@ -32,6 +32,7 @@ void dense_attention_head(const float* q, const float* k, const float* v, std::i
         axpy(acc.data(), p, v + key * d, d);
       }
       for (std::int64_t i = 0; i < d; ++i) out[row * d + i] = float(acc[std::size_t(i)] / denominator);
+      if (lse != nullptr) lse[row] = float(row_max + std::log(denominator));
     }
   }
 }

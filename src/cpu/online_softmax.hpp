@@ -47,6 +47,10 @@ class OnlineSoftmaxRow {
 
   double denominator() const { return denominator_; }
 
+  // ln of the sum of exp(logit) over every key added so far (-inf before any): the row's
+  // log-sum-exp in the logits' units.
+  double log_sum_exp() const { return max_ + std::log(denominator_); }
+
   // Writes acc / denominator; the caller guarantees at least one key was added.
   void write(float* out) const {
     const double inverse = 1.0 / denominator_;

@@ -34,9 +34,9 @@ struct DeviceCentroids {
 void check_cuda_view(const TensorView& t, const char* name, DType dtype) {
   const std::string n = std::string("tensor '") + name + "'";
   if (t.dtype != DType::bf16 && t.dtype != DType::f16) {
-    throw Error(n + " is " + dtype_name(t.dtype) + ": the CUDA path takes BF16 or F16 (convert, e.g. .to(torch.bfloat16))");
+    throw Error(n + " is " + dtype_name(t.dtype) + ": the CUDA path takes BF16 or F16 (convert, e.g. .to(torch.bfloat16))", ErrorKind::type);
   }
-  if (t.dtype != dtype) throw Error(n + " is " + dtype_name(t.dtype) + " but q is " + dtype_name(dtype) + ": use one dtype");
+  if (t.dtype != dtype) throw Error(n + " is " + dtype_name(t.dtype) + " but q is " + dtype_name(dtype) + ": use one dtype", ErrorKind::type);
   if (t.shape[3] != 64 && t.shape[3] != 128) {
     throw Error(n + " has head dim " + std::to_string(t.shape[3]) + ": the CUDA path supports D = 64 and 128");
   }
@@ -49,6 +49,19 @@ void check_cuda_view(const TensorView& t, const char* name, DType dtype) {
       (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged)) {
     cudaGetLastError();  // clear the sticky-free error of a failed query
     throw Error(n + " is marked as a CUDA tensor but its pointer is not device memory");
+  }
+}
+
+// The log-sum-exp output (dtype, shape and device already validated): device memory, aligned floats.
+void check_cuda_lse(const TensorView& lse) {
+  if (reinterpret_cast<std::uintptr_t>(lse.data) % alignof(float) != 0) {
+    throw Error("tensor 'lse' is not 4-byte aligned: pass a float32 tensor");
+  }
+  cudaPointerAttributes attributes{};
+  if (cudaPointerGetAttributes(&attributes, lse.data) != cudaSuccess ||
+      (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged)) {
+    cudaGetLastError();  // clear the error of a failed query
+    throw Error("tensor 'lse' is marked as a CUDA tensor but its pointer is not device memory");
   }
 }
 
@@ -125,12 +138,14 @@ std::vector<T> to_host(const T* device, std::size_t count, cudaStream_t stream) 
 }  // namespace
 
 AttentionReport attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
-                          const MethodConfig& config, LayerState* state, void* stream_handle, PlanExport* plan) {
-  validate_attention_inputs(q, k, v, out, config);
+                          const MethodConfig& config, LayerState* state, void* stream_handle, PlanExport* plan,
+                          const TensorView* lse) {
+  validate_attention_inputs(q, k, v, out, config, lse);
   check_cuda_view(q, "q", q.dtype);
   check_cuda_view(k, "k", q.dtype);
   check_cuda_view(v, "v", q.dtype);
   check_cuda_view(out, "out", q.dtype);
+  if (lse != nullptr) check_cuda_lse(*lse);
   const auto stream = static_cast<cudaStream_t>(stream_handle);
   const DeviceHeads qh = heads_of(q), kh = heads_of(k), vh = heads_of(v);
   const std::int64_t bh = qh.count(), sq = q.tokens(), sk = k.tokens();
@@ -160,6 +175,9 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
   problem.k = kh.tensor;
   problem.v = vh.tensor;
   problem.out = DeviceTensor{out.data, out.strides[0], out.strides[1], out.strides[2]};
+  if (lse != nullptr) {
+    problem.lse = DeviceRows{static_cast<float*>(lse->data), lse->strides[0], lse->strides[1], lse->strides[2]};
+  }
   problem.error_flags = error_flags;
 
   const bool dense = config.policy == SelectionPolicyKind::all_blocks && config.compensation == Compensation::drop;

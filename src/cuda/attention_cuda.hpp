@@ -21,9 +21,11 @@ struct PlanExport {
 // 16-byte aligned rows. Stage times come from CUDA events. Synchronizes `stream` once at the
 // end, to read the exact-pair counts (the report's density) and the non-finite-input count.
 // Cold-start k-means uses the strided initialisation (k-means++ is sequential; on the GPU a
-// cold start happens once per layer and warm starts follow).
+// cold start happens once per layer and warm starts follow). `lse`: the optional log-sum-exp
+// output of svgear::attention (F32 [B, H, Sq, 1] in device memory, 4-byte aligned), written by
+// the attention kernel's epilogue.
 AttentionReport attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                           const MethodConfig& config, LayerState* state, void* stream,
-                          PlanExport* plan = nullptr);
+                          PlanExport* plan = nullptr, const TensorView* lse = nullptr);
 
 }  // namespace svgear::cuda

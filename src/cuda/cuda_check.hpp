@@ -13,7 +13,8 @@ namespace svgear::cuda {
 inline void check_cuda(cudaError_t status, const char* what) {
   if (status != cudaSuccess) {
     throw Error(std::string("CUDA error in ") + what + ": " + cudaGetErrorName(status) + " (" +
-                cudaGetErrorString(status) + ")");
+                cudaGetErrorString(status) + ")",
+                ErrorKind::runtime);
   }
 }
 

@@ -36,7 +36,9 @@ namespace {
 
 using sm80::kFullMask;
 using attention::KernelParams;
+using attention::lse_of_head;
 using attention::raise_error;
+using attention::row_log_sum_exp;
 using attention::SelectedKeys;
 using attention::SlotInfo;
 
@@ -298,13 +300,14 @@ __device__ __forceinline__ void attend_tile(const std::uint32_t (&q)[Traits::kDS
 }
 
 // ---------------------------------------------------------------------------------------------
-// Epilogue: normalise, stage through shared memory, write 16-byte pieces of original rows.
+// Epilogue: normalise, stage through shared memory, write 16-byte pieces of original rows
+// (and, when asked, each row's log-sum-exp at its original position).
 // ---------------------------------------------------------------------------------------------
 
 template <typename Traits>
 __device__ __forceinline__ void store_output(Accumulator<Traits>& acc, std::uint16_t* staging, const int* query_rows,
-                                             std::uint16_t* out, std::int64_t row_stride, const KernelParams& p,
-                                             int warp, int lane) {
+                                             std::uint16_t* out, std::int64_t row_stride, float* lse,
+                                             const KernelParams& p, int warp, int lane) {
   using T = typename Traits::T;
   float inverse[2];
 #pragma unroll
@@ -316,6 +319,11 @@ __device__ __forceinline__ void store_output(Accumulator<Traits>& acc, std::uint
     inverse[half] = sum > 0.f ? 1.f / sum : 0.f;
     const int row = Traits::kWarpRows * warp + (lane >> 2) + 8 * half;
     if (!(sum > 0.f) && query_rows[row] >= 0 && (lane & 3) == 0) raise_error(p, kErrorRowWithoutKeys);
+    // The quad shares row_max (reduced in every step) and now the sum: its first lane writes.
+    if (lse != nullptr && (lane & 3) == 0) {
+      const int index = query_rows[row];
+      if (index >= 0) lse[index * p.lse_stride[2]] = row_log_sum_exp(acc.row_max[half], sum);
+    }
   }
 #pragma unroll
   for (int n = 0; n < Traits::kDTiles; ++n) {
@@ -503,7 +511,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
   __syncthreads();  // every warp is done with the last stage before k[0] becomes staging
   store_output<Traits>(acc, shared.k[0], shared.query_rows,
                        p.out + (tile.bh / p.heads) * p.out_stride[0] + (tile.bh % p.heads) * p.out_stride[1],
-                       p.out_stride[2], p, warp, lane);
+                       p.out_stride[2], lse_of_head(p, tile.bh), p, warp, lane);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -594,6 +602,10 @@ KernelParams make_params(const SparseAttentionProblem& problem) {
   check_tensor(problem.k, "k");
   check_tensor(problem.v, "v");
   check_tensor(problem.out, "out");
+  require(problem.lse.data == nullptr ||
+              (reinterpret_cast<std::uintptr_t>(problem.lse.data) % alignof(float) == 0 && problem.lse.stride_b >= 0 &&
+               problem.lse.stride_h >= 0 && problem.lse.stride_s >= 0),
+          "the lse output must be 4-byte aligned floats with non-negative strides");
   require(problem.q_offsets != nullptr || problem.query_clusters == 1,
           "q_offsets may be null only with query_clusters == 1");
   require(problem.k_offsets != nullptr || problem.key_clusters == 1,
@@ -624,6 +636,10 @@ KernelParams make_params(const SparseAttentionProblem& problem) {
     strides[i][1] = tensors[i]->stride_h;
     strides[i][2] = tensors[i]->stride_s;
   }
+  p.lse = problem.lse.data;
+  p.lse_stride[0] = problem.lse.stride_b;
+  p.lse_stride[1] = problem.lse.stride_h;
+  p.lse_stride[2] = problem.lse.stride_s;
   p.heads = problem.heads;
   p.bh_count = problem.batch * problem.heads;
   p.sq = int(problem.sq);

@@ -20,6 +20,12 @@ struct DeviceTensor {
   std::int64_t stride_b = 0, stride_h = 0, stride_s = 0;
 };
 
+// One float per query row of a [B, H, S] array (strides in elements, any non-negative values).
+struct DeviceRows {
+  float* data = nullptr;
+  std::int64_t stride_b = 0, stride_h = 0, stride_s = 0;
+};
+
 // Bits the kernel ORs into SparseAttentionProblem::error_flags.
 inline constexpr std::int32_t kErrorRowWithoutKeys = 1;  // a row had no exact or compensated key: zeros
 inline constexpr std::int32_t kErrorBadWorkTile = 2;     // a work tile named a bad (bh, cluster, row): skipped
@@ -31,6 +37,11 @@ struct SparseAttentionProblem {
   int head_dim = 0;  // 64 or 128
   DeviceTensor q, k, v;
   DeviceTensor out;  // written (data is cast to non-const)
+  // Optional: each query row's log-sum-exp, written at the row's original position beside the
+  // output. Natural log of the softmax denominator in units of the scaled scores: ln sum exp(l)
+  // over the row's exact keys (l = q.k / sqrt(D)) and pseudo-keys (l = q.mu_j / sqrt(D) + ln n_j),
+  // -inf for a row without keys. Null data: nothing written.
+  DeviceRows lse;
 
   // Cluster layouts, per (b, h) = bh = b * heads + h. A null order means the identity.
   // A null offsets array means one cluster holding every token (needs query_clusters == 1,

@@ -20,6 +20,8 @@ struct KernelParams {
   const std::uint16_t* v;
   std::uint16_t* out;
   std::int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];  // b, h, s
+  float* lse;                 // optional log-sum-exp output (null: none), [B, H, Sq] by lse_stride
+  std::int64_t lse_stride[3];  // b, h, s
   int heads, bh_count, sq, sk, query_clusters, key_clusters;
   const std::int32_t* q_order;
   const std::int32_t* q_offsets;
@@ -40,6 +42,19 @@ struct KernelParams {
 
 __device__ __forceinline__ void raise_error(const KernelParams& p, std::int32_t bit) {
   if (p.error_flags != nullptr) atomicOr(p.error_flags, bit);
+}
+
+// A row's log-sum-exp in natural-log units from the kernels' softmax state, which lives in the
+// log2 domain: row_max = max of the logits times log2 e (pseudo-keys' bias log2 n_j included),
+// sum = the row's sum of exp2(logit - row_max). ln sum exp(l) = ln 2 * (row_max + log2 sum);
+// -inf for a row without keys (sum 0).
+__device__ __forceinline__ float row_log_sum_exp(float row_max, float sum) {
+  return sum > 0.f ? (row_max + log2f(sum)) * 0.693147180559945309f : -INFINITY;
+}
+
+// The LSE output of head bh (null when the problem has none).
+__device__ __forceinline__ float* lse_of_head(const KernelParams& p, int bh) {
+  return p.lse != nullptr ? p.lse + (bh / p.heads) * p.lse_stride[0] + (bh % p.heads) * p.lse_stride[1] : nullptr;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -407,14 +407,15 @@ __device__ __forceinline__ void issue_values(ConsumerState<Traits>& state, std::
 }
 
 // Normalises the consumer's rows and writes them to their original positions, staged through
-// the consumer's rows of the Q buffer (its last wgmma has completed). Each warp stages and
-// stores its own 16 rows.
+// the consumer's rows of the Q buffer (its last wgmma has completed), and, when asked, each
+// row's log-sum-exp at its original position. Each warp stages and stores its own 16 rows.
 template <typename Traits>
 __device__ __forceinline__ void store_output(ConsumerState<Traits>& state, SharedStorage<Traits>& shared,
                                              const KernelParams& p, const QueryTile& tile, int consumer, int warp,
                                              int lane) {
   using T = typename Traits::T;
   const int warp_row = Traits::kConsumerRows * consumer + 16 * warp;  // CTA row of the warp's first row
+  float* lse = lse_of_head(p, tile.bh);
   float inverse[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -425,6 +426,11 @@ __device__ __forceinline__ void store_output(ConsumerState<Traits>& state, Share
     inverse[half] = sum > 0.f ? 1.f / sum : 0.f;
     const int row = warp_row + (lane >> 2) + 8 * half;
     if (!(sum > 0.f) && shared.query_rows[row] >= 0 && (lane & 3) == 0) raise_error(p, kErrorRowWithoutKeys);
+    // The quad shares row_max (reduced in every step) and now the sum: its first lane writes.
+    if (lse != nullptr && (lane & 3) == 0) {
+      const int index = shared.query_rows[row];
+      if (index >= 0) lse[index * p.lse_stride[2]] = row_log_sum_exp(state.row_max[half], sum);
+    }
   }
 #pragma unroll
   for (int j = 0; j < Traits::kHeadDim / 8; ++j) {

@@ -1,9 +1,12 @@
 // The whole CUDA pipeline through the public API against the CPU reference on the same
-// (bf16-rounded) inputs: dense, full density, and the sparse methods' error vs dense.
+// (bf16-rounded) inputs: dense, full density, and the sparse methods' error vs dense; the
+// optional lse output.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "cuda/cuda_check.hpp"
 #include "svgear/svgear.hpp"
@@ -46,8 +49,9 @@ struct Gpu {
     view[t].data = device[t];
     view[t].device = Device::cuda;
   }
-  const HostTensor& run(const MethodConfig& config, AttentionReport* report = nullptr, LayerState* state = nullptr) {
-    const AttentionReport r = attention(view[0], view[1], view[2], view[3], config, state);
+  const HostTensor& run(const MethodConfig& config, AttentionReport* report = nullptr, LayerState* state = nullptr,
+                        const TensorView* lse = nullptr) {
+    const AttentionReport r = attention(view[0], view[1], view[2], view[3], config, state, nullptr, lse);
     if (report) *report = r;
     out_host = HostTensor(DType::bf16, host[0].shape);
     cuda::check_cuda(cudaMemcpy(out_host.bytes.data(), device[3], out_host.bytes.size(), cudaMemcpyDeviceToHost), "memcpy");
@@ -68,6 +72,40 @@ SafetensorsFile small_workload(int head_dim) {
 
 double rel_l2(const HostTensor& out, const HostTensor& ref) {
   return compare(out.view_bhsd("out"), ref.view_bhsd("ref")).rel_l2;
+}
+
+// An F32 [B, H, Sq, 1] lse output on the device, poisoned with NaN.
+struct DeviceLse {
+  void* data = nullptr;
+  TensorView view;
+  explicit DeviceLse(const std::vector<std::int64_t>& q_shape) {
+    view.shape = {q_shape[0], q_shape[1], q_shape[2], 1};
+    view.strides = contiguous_strides(view.shape);
+    view.dtype = DType::f32;
+    view.device = Device::cuda;
+    cuda::check_cuda(cudaMalloc(&data, bytes()), "cudaMalloc");
+    cuda::check_cuda(cudaMemset(data, 0xff, bytes()), "memset");
+    view.data = data;
+  }
+  ~DeviceLse() { cudaFree(data); }
+  DeviceLse(const DeviceLse&) = delete;
+  DeviceLse& operator=(const DeviceLse&) = delete;
+  std::size_t bytes() const { return std::size_t(view.shape[0] * view.shape[1] * view.shape[2]) * sizeof(float); }
+  std::vector<float> download() const {
+    std::vector<float> host(bytes() / sizeof(float));
+    cuda::check_cuda(cudaMemcpy(host.data(), data, bytes(), cudaMemcpyDeviceToHost), "memcpy");
+    return host;
+  }
+};
+
+// max |a - b| over rows; NaN or Inf in `a` gives infinity.
+double max_abs(const std::vector<float>& a, const HostTensor& b) {
+  double worst = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double diff = std::fabs(double(a[i]) - b.at(std::int64_t(i)));
+    worst = std::isfinite(diff) ? std::max(worst, diff) : INFINITY;
+  }
+  return worst;
 }
 
 }  // namespace
@@ -162,4 +200,105 @@ TEST(GpuPipeline, NonFiniteInputIsReported) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("non-finite"), std::string::npos) << e.what();
   }
+}
+
+// The lse output against the CPU path: dense and every method at density 1 give the dense LSE
+// (|difference| <= 2e-2 for bf16 inputs), the output is the same bytes with and without it, and
+// a sparse EAR call's lse stays as close to dense as the CPU pipeline's does.
+TEST(GpuPipeline, LseMatchesTheCpuPath) {
+  for (int d : {64, 128}) {
+    Gpu gpu(small_workload(d));
+    const TensorView hq = gpu.host[0].view_bhsd("q"), hk = gpu.host[1].view_bhsd("k"), hv = gpu.host[2].view_bhsd("v");
+    HostTensor ref(DType::f32, gpu.host[0].shape), cpu_out(DType::f32, gpu.host[0].shape);
+    HostTensor cpu_lse(DType::f32, {gpu.host[0].shape[0], gpu.host[0].shape[1], gpu.host[0].shape[2], 1});
+    const TensorView cpu_lse_view = cpu_lse.view_bhsd("lse");
+    dense_attention(hq, hk, hv, ref.view_bhsd("ref"), &cpu_lse_view);
+
+    const HostTensor without = gpu.run(preset(Method::dense));
+    DeviceLse lse(gpu.host[0].shape);
+    const HostTensor with = gpu.run(preset(Method::dense), nullptr, nullptr, &lse.view);
+    EXPECT_EQ(with.bytes, without.bytes) << "dense output changed by requesting lse, D " << d;
+    EXPECT_LE(max_abs(lse.download(), cpu_lse), 2e-2) << "dense, D " << d;
+    for (Method method : {Method::svg2, Method::ear}) {
+      MethodConfig config = preset(method);
+      config.density = 1.0;
+      DeviceLse full(gpu.host[0].shape);
+      gpu.run(config, nullptr, nullptr, &full.view);
+      EXPECT_LE(max_abs(full.download(), cpu_lse), 2e-2) << method_name(method) << " at density 1, D " << d;
+    }
+
+    MethodConfig ear = preset(Method::ear);
+    ear.density = 0.2;
+    ear.kmeans_init = KmeansInit::strided;
+    HostTensor cpu_ear_lse(DType::f32, cpu_lse.shape);
+    const TensorView cpu_ear_lse_view = cpu_ear_lse.view_bhsd("lse");
+    attention(hq, hk, hv, cpu_out.view_bhsd("out"), ear, nullptr, nullptr, &cpu_ear_lse_view);
+    std::vector<float> cpu_ear(std::size_t(cpu_ear_lse.numel()));
+    for (std::size_t i = 0; i < cpu_ear.size(); ++i) cpu_ear[i] = cpu_ear_lse.at(std::int64_t(i));
+    DeviceLse sparse(gpu.host[0].shape);
+    gpu.run(ear, nullptr, nullptr, &sparse.view);
+    EXPECT_LE(max_abs(sparse.download(), cpu_lse), 2 * max_abs(cpu_ear, cpu_lse) + 0.05) << "EAR 0.2, D " << d;
+  }
+}
+
+// What the output is for: svgear over two disjoint key sets (views into k and v), merged by
+// lse, equals one call over all keys.
+TEST(GpuPipeline, LseMergesAttentionOverTwoKeySets) {
+  Gpu gpu(small_workload(64));
+  const std::int64_t sk = gpu.view[1].shape[2], split = sk - 77, d = gpu.view[1].shape[3];
+  auto part = [&](const TensorView& t, std::int64_t begin, std::int64_t end) {
+    TensorView view = t;
+    view.data = static_cast<std::uint16_t*>(t.data) + begin * t.strides[2];
+    view.shape[2] = end - begin;
+    return view;
+  };
+  auto run_on = [&](const TensorView& k, const TensorView& v, DeviceLse& lse) {
+    HostTensor out(DType::bf16, gpu.host[0].shape);
+    attention(gpu.view[0], k, v, gpu.view[3], preset(Method::dense), nullptr, nullptr, &lse.view);
+    cuda::check_cuda(cudaMemcpy(out.bytes.data(), gpu.device[3], out.bytes.size(), cudaMemcpyDeviceToHost), "memcpy");
+    return out;
+  };
+  DeviceLse full_lse(gpu.host[0].shape), lse1(gpu.host[0].shape), lse2(gpu.host[0].shape);
+  const HostTensor full = run_on(gpu.view[1], gpu.view[2], full_lse);
+  const HostTensor out1 = run_on(part(gpu.view[1], 0, split), part(gpu.view[2], 0, split), lse1);
+  const HostTensor out2 = run_on(part(gpu.view[1], split, sk), part(gpu.view[2], split, sk), lse2);
+  const std::vector<float> l1 = lse1.download(), l2 = lse2.download(), lf = full_lse.download();
+  HostTensor merged(DType::f32, gpu.host[0].shape);
+  double lse_error = 0;
+  for (std::size_t row = 0; row < lf.size(); ++row) {
+    const double m = std::max(l1[row], l2[row]), w1 = std::exp(l1[row] - m), w2 = std::exp(l2[row] - m);
+    lse_error = std::max(lse_error, std::fabs(m + std::log(w1 + w2) - lf[row]));
+    for (std::int64_t t = 0; t < d; ++t) {
+      const std::int64_t i = std::int64_t(row) * d + t;
+      merged.set(i, float((out1.at(i) * w1 + out2.at(i) * w2) / (w1 + w2)));
+    }
+  }
+  EXPECT_LE(lse_error, 2e-2);
+  EXPECT_LE(rel_l2(merged, full), 1e-2);
+}
+
+TEST(GpuPipeline, RejectsABadLseOutput) {
+  Gpu gpu(small_workload(64));
+  auto expect_error = [&](const TensorView& lse, const std::string& keyword) {
+    try {
+      attention(gpu.view[0], gpu.view[1], gpu.view[2], gpu.view[3], preset(Method::ear), nullptr, nullptr, &lse);
+      ADD_FAILURE() << "no error for " << keyword;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(keyword), std::string::npos) << e.what();
+    }
+  };
+  DeviceLse lse(gpu.host[0].shape);
+  TensorView bf16 = lse.view;
+  bf16.dtype = DType::bf16;
+  expect_error(bf16, "must be F32");
+  TensorView shape = lse.view;
+  shape.shape[2] -= 1;
+  expect_error(shape, "[B, H, Sq, 1]");
+  HostTensor host_lse(DType::f32, {lse.view.shape[0], lse.view.shape[1], lse.view.shape[2], 1});
+  TensorView host = lse.view;
+  host.data = host_lse.bytes.data();
+  expect_error(host, "not device memory");
+  TensorView on_cpu = lse.view;
+  on_cpu.device = Device::cpu;
+  expect_error(on_cpu, "different devices");
 }

@@ -2,6 +2,8 @@
 // inputs: random and clustered data, both element types and head dims, drop and compensation,
 // tails (S = 1, 127, 4097), sq != sk, clusters of one token, empty clusters, strided (B, S, H, D)
 // tensors, and the dense (identity, one cluster) mode. Outputs are poisoned with NaN first.
+// The optional lse output (each row's log-sum-exp) against the CPU kernel's on the same plan,
+// and the output unchanged when it is requested (*Lse* tests).
 // Every case runs on each kernel sparse_attention can pick (GpuSparseAttentionKernel/sm80 and
 // /sm90; the wgmma one only on a compute capability 9.0 GPU, skipped elsewhere).
 #include <cuda_runtime.h>
@@ -31,6 +33,7 @@ namespace {
 using cuda::check_cuda;
 
 constexpr double kTolerance = 1e-2;  // relative L2 error against the float64 CPU reference
+constexpr double kLseTolerance = 2e-2;  // absolute, natural-log units, against the CPU kernel's lse
 
 // Runs the test body with SVGEAR_ATTENTION_KERNEL set to the parameter (the caller's value is
 // restored after); the wgmma kernel's instance is skipped where it cannot run.
@@ -162,6 +165,7 @@ struct Case {
   bool bshd = false;      // q, k, v and out stored as [B, S, H, D]
   int classes = 0;        // > 0: clustered tokens
   bool reversed_tiles = false;  // work list entries in reverse order (no two of a cluster adjacent in order)
+  bool lse = false;       // run again with the lse output: check it and that the output is unchanged
   std::uint64_t seed = 1;
 };
 
@@ -187,7 +191,55 @@ struct Outcome {
   double rel_l2 = 0;
   std::int64_t non_finite = 0;
   std::int32_t flags = 0;
+  // With Case::lse: the second run's lse against the CPU's, and whether its output differs.
+  double lse_max_abs = 0;
+  std::int64_t lse_non_finite = 0;
+  bool output_changed = false;
 };
+
+// The lse output of a [B, H, S] problem as [B, H, S] or, with `bshd`, [B, S, H] floats.
+cuda::DeviceRows lse_view(float* data, int heads, std::int64_t s, bool bshd) {
+  cuda::DeviceRows rows;
+  rows.data = data;
+  rows.stride_b = s * heads;
+  rows.stride_h = bshd ? 1 : s;
+  rows.stride_s = bshd ? heads : 1;
+  return rows;
+}
+
+// Runs `problem` again with the lse output (poisoned with NaN first) and compares it with
+// `reference` ([B][H][S] logical), and the output with the first run's `bits`.
+template <typename Array>
+void check_lse_run(cuda::SparseAttentionProblem problem, const Array& out, const std::vector<std::uint16_t>& bits,
+                   const std::vector<double>& reference, int batch, int heads, std::int64_t s, bool bshd,
+                   Outcome& outcome) {
+  const std::size_t rows = reference.size();
+  float* lse = nullptr;
+  check_cuda(cudaMalloc(&lse, rows * sizeof(float)), "cudaMalloc (lse)");
+  check_cuda(cudaMemset(lse, 0xff, rows * sizeof(float)), "cudaMemset (lse NaN poison)");
+  check_cuda(cudaMemset(out.get(), 0xff, bits.size() * sizeof(std::uint16_t)), "cudaMemset (NaN poison)");
+  problem.lse = lse_view(lse, heads, s, bshd);
+  cuda::sparse_attention(problem, nullptr);
+  check_cuda(cudaDeviceSynchronize(), "sparse_attention (with lse)");
+  std::vector<float> got(rows);
+  check_cuda(cudaMemcpy(got.data(), lse, rows * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy D2H (lse)");
+  cudaFree(lse);
+  outcome.output_changed = out.download() != bits;
+  for (int bi = 0; bi < batch; ++bi) {
+    for (int hi = 0; hi < heads; ++hi) {
+      for (std::int64_t si = 0; si < s; ++si) {
+        const float value =
+            got[std::size_t(bi * problem.lse.stride_b + hi * problem.lse.stride_h + si * problem.lse.stride_s)];
+        const double want = reference[std::size_t((std::int64_t(bi) * heads + hi) * s + si)];
+        if (!std::isfinite(value)) {
+          ++outcome.lse_non_finite;
+        } else {
+          outcome.lse_max_abs = std::max(outcome.lse_max_abs, std::fabs(double(value) - want));
+        }
+      }
+    }
+  }
+}
 
 template <typename T>
 std::vector<T> concat(std::vector<T> a, const std::vector<T>& b) {
@@ -209,6 +261,7 @@ Outcome run_case(const Case& c) {
       comp_clusters, key_counts;
   std::vector<float> key_means, value_means;
   std::vector<float> reference(q.values.size());
+  std::vector<double> reference_lse(c.lse ? std::size_t(bh_count) * std::size_t(c.sq) : 0);
 
   for (int head = 0; head < bh_count; ++head) {
     const cpu::ClusterLayout ql = cpu::cluster_layout(make_labels(c.sq, cq, c.singleton_q, rng), cq);
@@ -254,7 +307,7 @@ Outcome run_case(const Case& c) {
     const float* kh = &k.values[std::size_t(k.logical(bi, hi, 0))];
     const float* vh = &v.values[std::size_t(v.logical(bi, hi, 0))];
     std::vector<float> qp(std::size_t(c.sq) * d), kp(std::size_t(c.sk) * d), vp(std::size_t(c.sk) * d),
-        op(std::size_t(c.sq) * d);
+        op(std::size_t(c.sq) * d), lp(std::size_t(c.sq)), lse_head(std::size_t(c.sq));
     cpu::gather_rows(qh, d, ql, qp.data());
     cpu::gather_rows(kh, d, kl, kp.data());
     cpu::gather_rows(vh, d, kl, vp.data());
@@ -264,8 +317,12 @@ Outcome run_case(const Case& c) {
     for (int j = 0; j < ck; ++j) counts[std::size_t(j)] = kl.size(j);
     const cpu::KeyClusterSummary summary{km.data(), vm.data(), counts.data()};
     cpu::block_sparse_attention(qp.data(), kp.data(), vp.data(), d, ql, kl, selection,
-                                c.compensate ? &summary : nullptr, op.data());
+                                c.compensate ? &summary : nullptr, op.data(), c.lse ? lp.data() : nullptr);
     cpu::scatter_rows(op.data(), d, ql, &reference[std::size_t(q.logical(bi, hi, 0))]);
+    if (c.lse) {
+      cpu::scatter_rows(lp.data(), 1, ql, lse_head.data());
+      std::copy(lse_head.begin(), lse_head.end(), reference_lse.begin() + std::ptrdiff_t(head) * c.sq);
+    }
     key_means = concat(std::move(key_means), km);
     value_means = concat(std::move(value_means), vm);
     for (auto n : counts) key_counts.push_back(std::int32_t(n));
@@ -342,6 +399,7 @@ Outcome run_case(const Case& c) {
     }
   }
   outcome.rel_l2 = std::sqrt(diff / std::max(norm, 1e-30));
+  if (c.lse) check_lse_run(problem, dout, bits, reference_lse, c.batch, c.heads, c.sq, c.bshd, outcome);
   return outcome;
 }
 
@@ -352,6 +410,11 @@ void expect_matches(const Case& c) {
   EXPECT_EQ(outcome.non_finite, 0);
   EXPECT_EQ(outcome.flags, 0);
   EXPECT_LE(outcome.rel_l2, kTolerance);
+  if (c.lse) {
+    EXPECT_FALSE(outcome.output_changed) << "the output differs when lse is requested";
+    EXPECT_EQ(outcome.lse_non_finite, 0);
+    EXPECT_LE(outcome.lse_max_abs, kLseTolerance);
+  }
 }
 
 // Every element type x head dim x mode on a case.
@@ -500,21 +563,24 @@ struct DenseCase {
   bool explicit_layout;  // offsets, selection and work list given instead of the null shortcuts
 };
 
-void expect_dense_matches(const DenseCase& c, std::uint64_t seed) {
+// With `lse`, runs again with the lse output and checks it against the CPU's ordinary
+// log-sum-exp, and that the output is unchanged.
+void expect_dense_matches(const DenseCase& c, std::uint64_t seed, bool lse = false) {
   SCOPED_TRACE(std::string("dense ") + (c.dtype == DType::bf16 ? "bf16" : "f16") + " D=" + std::to_string(c.d) +
                " sq=" + std::to_string(c.sq) + " sk=" + std::to_string(c.sk) + (c.bshd ? " BSHD" : "") +
-               (c.explicit_layout ? " explicit layout" : ""));
+               (c.explicit_layout ? " explicit layout" : "") + (lse ? " lse" : ""));
   const int bh_count = c.batch * c.heads;
   const HostTensor4 q = make_tensor(c.batch, c.heads, c.sq, c.d, c.dtype, c.bshd, 1.5, 0, seed * 5 + 1);
   const HostTensor4 k = make_tensor(c.batch, c.heads, c.sk, c.d, c.dtype, c.bshd, 1.0, 0, seed * 5 + 2);
   const HostTensor4 v = make_tensor(c.batch, c.heads, c.sk, c.d, c.dtype, c.bshd, 1.0, 0, seed * 5 + 3);
-  std::vector<float> reference(q.values.size());
+  std::vector<float> reference(q.values.size()), reference_lse(std::size_t(bh_count) * std::size_t(c.sq));
   for (int bi = 0; bi < c.batch; ++bi) {
     for (int hi = 0; hi < c.heads; ++hi) {
       cpu::dense_attention_head(&q.values[std::size_t(q.logical(bi, hi, 0))],
                                 &k.values[std::size_t(k.logical(bi, hi, 0))],
                                 &v.values[std::size_t(v.logical(bi, hi, 0))], c.sq, c.sk, c.d,
-                                &reference[std::size_t(q.logical(bi, hi, 0))]);
+                                &reference[std::size_t(q.logical(bi, hi, 0))],
+                                &reference_lse[std::size_t((std::int64_t(bi) * c.heads + hi) * c.sq)]);
     }
   }
   const DeviceArray<std::uint16_t> dq(q.bits), dk(k.bits), dv(v.bits), dout(q.bits.size());
@@ -574,6 +640,14 @@ void expect_dense_matches(const DenseCase& c, std::uint64_t seed) {
   }
   EXPECT_EQ(non_finite, 0);
   EXPECT_LE(std::sqrt(diff / std::max(norm, 1e-30)), kTolerance);
+  if (lse) {
+    Outcome outcome;
+    check_lse_run(problem, dout, bits, std::vector<double>(reference_lse.begin(), reference_lse.end()), c.batch,
+                  c.heads, c.sq, c.bshd, outcome);
+    EXPECT_FALSE(outcome.output_changed) << "the output differs when lse is requested";
+    EXPECT_EQ(outcome.lse_non_finite, 0);
+    EXPECT_LE(outcome.lse_max_abs, kLseTolerance);
+  }
 }
 
 TEST_P(GpuSparseAttentionKernel, SmallDense) {
@@ -592,6 +666,66 @@ TEST_P(GpuSparseAttentionKernel, SmallDense) {
 TEST_P(GpuSparseAttentionKernel, LargeDense) {
   expect_dense_matches({DType::bf16, 128, 1, 3, 4097, 4097, false, false}, 40);
   expect_dense_matches({DType::f16, 64, 1, 3, 4097, 4097, true, true}, 41);
+}
+
+// The lse output: each row's ln of its softmax denominator (natural log, scaled scores),
+// against the CPU kernel's on the same plan: S = 127 and 4097, D = 64 and 128, dense, drop
+// (SVG2's terms) and compensation (EAR's: log n_j added to each pseudo-key), written to the
+// rows' original positions through [B, H, S] and [B, S, H] views; the output is the same bytes
+// with and without it.
+TEST_P(GpuSparseAttentionKernel, SmallDenseLse) {
+  std::uint64_t seed = 200;
+  for (int d : {64, 128}) {
+    for (bool explicit_layout : {false, true}) {
+      expect_dense_matches({DType::bf16, d, 1, 3, 127, 127, false, explicit_layout}, ++seed, true);
+      expect_dense_matches({DType::bf16, d, 2, 2, 127, 300, true, explicit_layout}, ++seed, true);
+    }
+    expect_dense_matches({DType::f16, d, 1, 2, 65, 64, false, false}, ++seed, true);
+  }
+}
+
+TEST_P(GpuSparseAttentionKernel, LargeDenseLse) {
+  expect_dense_matches({DType::bf16, 128, 1, 2, 4097, 4097, false, false}, 210, true);
+  expect_dense_matches({DType::bf16, 64, 1, 2, 4097, 4097, true, true}, 211, true);
+}
+
+TEST_P(GpuSparseAttentionKernel, SmallLseMatchesCpu) {
+  Case c;
+  c.name = "lse S=127";
+  c.lse = true;
+  c.seed = 101;
+  expect_matches_all_variants(c);
+  c.name = "lse [B, S, H, D] sq=100 sk=333 B=2";
+  c.batch = 2;
+  c.heads = 2;
+  c.sq = 100;
+  c.sk = 333;
+  c.cq = 6;
+  c.ck = 23;
+  c.density = 0.2;
+  c.bshd = true;
+  c.classes = 6;
+  expect_matches_all_variants(c);
+}
+
+TEST_P(GpuSparseAttentionKernel, LargeLseMatchesCpu) {
+  Case c;
+  c.name = "lse S=4097 clustered";
+  c.sq = c.sk = 4097;
+  c.cq = 40;
+  c.ck = 100;
+  c.density = 0.15;
+  c.classes = 20;
+  c.lse = true;
+  c.dtype = DType::bf16;
+  for (int d : {64, 128}) {
+    for (bool compensate : {true, false}) {
+      c.d = d;
+      c.compensate = compensate;
+      c.seed += 1;
+      expect_matches(c);
+    }
+  }
 }
 
 // Drop mode with a query cluster that selects nothing: its rows come out as zeros (not NaN)
@@ -634,6 +768,21 @@ TEST_P(GpuSparseAttentionKernel, SmallRowWithoutKeysIsFlagged) {
       const float got = bf16_to_float(bits[std::size_t(row) * d + di]);
       ASSERT_TRUE(std::isfinite(got)) << "row " << row;
       if (row >= 70) ASSERT_EQ(got, 0.0f) << "row " << row;
+    }
+  }
+  // With the lse output: the same bytes, a finite lse where there are keys and -inf where not.
+  const DeviceArray<float> d_lse(static_cast<std::size_t>(sq));
+  problem.lse = lse_view(d_lse.get(), 1, sq, false);
+  check_cuda(cudaMemset(dout.get(), 0xff, q.bits.size() * sizeof(std::uint16_t)), "cudaMemset (NaN poison)");
+  cuda::sparse_attention(problem, nullptr);
+  check_cuda(cudaDeviceSynchronize(), "sparse_attention (no keys, lse)");
+  EXPECT_EQ(dout.download(), bits);
+  const std::vector<float> lse = d_lse.download();
+  for (int row = 0; row < sq; ++row) {
+    if (row < 70) {
+      EXPECT_TRUE(std::isfinite(lse[std::size_t(row)])) << "row " << row;
+    } else {
+      EXPECT_EQ(lse[std::size_t(row)], -INFINITY) << "row " << row;
     }
   }
 }

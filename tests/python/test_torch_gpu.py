@@ -1,0 +1,110 @@
+"""The torch operator on the GPU: against SDPA, inside torch.compile, on torch's stream."""
+
+import pytest
+
+import svgear
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU here (these run on the device: scripts/device-check python)", allow_module_level=True)
+if not svgear.has_cuda():
+    pytest.skip(f"{svgear.library_path()} was built without its CUDA path", allow_module_level=True)
+
+import torch.nn.functional as F  # noqa: E402
+
+import svgear.torch as st  # noqa: E402
+
+DEVICE = "cuda"
+
+
+def qkv(b=2, s=1500, h=4, d=128, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return tuple(torch.randn(b, s, h, d, generator=g, device=DEVICE, dtype=dtype) for _ in range(3))
+
+
+def sdpa_bshd(q, k, v):
+    return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("method", ["dense", "ear", "svg2"])
+def test_density_one_matches_sdpa(dtype, d, method):
+    q, k, v = qkv(d=d, dtype=dtype)
+    out = st.attention(q, k, v, method=method, density=1.0, clusters_q=16, clusters_k=32)
+    assert out.dtype == dtype and out.shape == q.shape and out.device == q.device
+    assert rel(out, sdpa_bshd(q, k, v)) <= 1e-2
+
+
+def test_bhsd_layout_and_lse():
+    q, k, v = qkv()
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    out, lse = st.attention(qt, kt, vt, method="dense", layout="bhsd", return_lse=True)
+    assert rel(out, F.scaled_dot_product_attention(qt, kt, vt)) <= 1e-2
+    scores = torch.matmul(qt.float(), kt.float().transpose(-1, -2)) / qt.shape[-1] ** 0.5
+    assert (lse - torch.logsumexp(scores, -1)).abs().max().item() < 2e-2
+
+
+def test_sparse_output_is_close_and_warm_starts():
+    q, k, v = qkv(s=4096)
+    state = svgear.LayerState()
+    dense = sdpa_bshd(q, k, v)
+    errors = []
+    for _ in range(3):
+        out = st.attention(q, k, v, method="ear", density=0.3, state=state, clusters_q=32, clusters_k=64)
+        errors.append(rel(out, dense))
+    assert svgear.last_report()["warm_started"] == 1 and state.steps == 3
+    assert max(errors) < 0.3, errors  # random inputs have no structure: loose, but not garbage
+    assert torch.isfinite(out).all()
+
+
+def test_runs_on_torchs_current_stream():
+    q, k, v = qkv()
+    stream = torch.cuda.Stream()
+    expected = st.attention(q, k, v, method="dense")
+    with torch.cuda.stream(stream):
+        out = st.attention(q, k, v, method="dense")
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.skipif(not st.REGISTERED, reason="torch.library.custom_op needs torch >= 2.4")
+def test_torch_compile_keeps_one_graph():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(128, 128, device=DEVICE, dtype=torch.bfloat16)
+            self.state = svgear.LayerState()
+
+        def forward(self, x):
+            b, s, _ = x.shape
+            q = self.proj(x).view(b, s, 1, 128)
+            out = st.attention(q, q, q, method="ear", density=0.3, state=self.state, clusters_q=16, clusters_k=32)
+            return out.view(b, s, 128) + x
+
+    block = Block()
+    x = torch.randn(1, 2048, 128, device=DEVICE, dtype=torch.bfloat16)
+    eager = block(x)
+    compiled = torch.compile(block, fullgraph=True)
+    out = compiled(x)  # fullgraph=True raises on any graph break
+    assert out.shape == eager.shape and torch.isfinite(out).all()
+    assert rel(out, eager) < 0.05  # the state is warm now: a slightly different clustering
+
+
+def test_cuda_errors_raise_with_messages():
+    q, k, v = qkv(d=96)
+    with pytest.raises(ValueError, match="D = 64 and 128"):
+        st.attention(q, k, v, method="dense")
+    q, k, v = qkv(dtype=torch.float32)
+    with pytest.raises(TypeError, match="BF16 or F16"):
+        st.attention(q, k, v, method="dense")
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match="another device|different devices"):
+        st.attention(q, k.cpu(), v, method="dense")
+    q[0, 5, 1, 3] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        st.attention(q, k, v, method="ear", clusters_q=8, clusters_k=8)
