@@ -1,0 +1,146 @@
+"""Procedural videos: moving, rotating, occluding textured shapes over a textured, panning
+background. Rendered in torch (on the GPU when given a CUDA device), so training is not
+data-bound, and deterministic from a seed.
+
+A scene is laid out in a WORLD x WORLD pixel frame (96 x 96) over WORLD_FRAMES frames (16). Its
+parameters are drawn on the CPU from a torch.Generator; any window of it (frames t0.., rows
+y0.., columns x0..) can be rendered at the same pixel scale, which is how the training
+curriculum takes small clips: a crop of a full video, not a downscaled one.
+"""
+import math
+
+import torch
+
+WORLD = 96          # the scene's full frame, pixels
+WORLD_FRAMES = 16   # the scene's full length, frames
+MAX_OBJECTS = 4
+
+
+def scene_params(batch, generator):
+    """Draws `batch` scenes' parameters from `generator`, on the generator's device (a CUDA
+    generator keeps training free of host-to-device copies, which would synchronise)."""
+    g = generator
+    dev = g.device
+
+    def u(*shape, lo=0.0, hi=1.0):
+        return lo + (hi - lo) * torch.rand(*shape, generator=g, device=dev)
+
+    n = MAX_OBJECTS
+    params = {
+        # background: two colours blended by a sum of low-frequency gratings, a brightness
+        # gradient, and a camera pan (pixels per frame).
+        "bg_c1": u(batch, 3, lo=0.05, hi=0.75),
+        "bg_c2": u(batch, 3, lo=0.25, hi=0.95),
+        "bg_freq": u(batch, 3, lo=1.0 / 40.0, hi=1.0 / 12.0),
+        "bg_angle": u(batch, 3, hi=math.pi),
+        "bg_phase": u(batch, 3, hi=2 * math.pi),
+        "bg_amp": u(batch, 3, lo=0.2, hi=1.0),
+        "bg_gain": u(batch, lo=1.0, hi=4.0),
+        "bg_grad_angle": u(batch, hi=2 * math.pi),
+        "bg_grad": u(batch, lo=0.0, hi=0.35),
+        "cam_vel": u(batch, 2, lo=-1.5, hi=1.5),
+        # objects: 2..MAX_OBJECTS per scene, painted in index order (later ones occlude).
+        "obj_count": torch.randint(2, n + 1, (batch,), generator=g, device=dev),
+        "obj_type": torch.randint(0, 3, (batch, n), generator=g, device=dev),  # disc, square, triangle
+        "obj_radius": u(batch, n, lo=7.0, hi=18.0),
+        "obj_pos": u(batch, n, 2, lo=10.0, hi=WORLD - 10.0),
+        "obj_vel": u(batch, n, 2, lo=-2.5, hi=2.5),
+        "obj_angle": u(batch, n, hi=2 * math.pi),
+        "obj_spin": u(batch, n, lo=-0.2, hi=0.2),
+        "obj_color": u(batch, n, 3),
+        "obj_stripe_freq": u(batch, n, lo=2 * math.pi / 14.0, hi=2 * math.pi / 5.0),
+        "obj_stripe_amp": u(batch, n, lo=0.0, hi=0.45),
+        "obj_stripe_phase": u(batch, n, hi=2 * math.pi),
+    }
+    return params
+
+
+def _triangle_sdf(px, py, r):
+    """Signed distance to an equilateral triangle of half-side r centred at the origin."""
+    k = math.sqrt(3.0)
+    px = px.abs() - r
+    py = py + r / k
+    flip = (px + k * py) > 0
+    qx = torch.where(flip, (px - k * py) / 2, px)
+    qy = torch.where(flip, (-k * px - py) / 2, py)
+    qx = qx - torch.maximum(torch.minimum(qx, torch.zeros_like(qx)), -2 * r)
+    return -torch.sqrt(qx * qx + qy * qy) * torch.sign(qy)
+
+
+def render(params, frames, height, width, t0=None, y0=None, x0=None, device="cpu"):
+    """Renders a window of each scene: (B, 3, frames, height, width) in [-1, 1], float32.
+
+    t0, y0, x0: (B,) integer offsets of the window in the scene (default 0).
+    """
+    device = torch.device(device)
+    p = {k: v.to(device) for k, v in params.items()}  # no copy when already there
+    batch = p["bg_c1"].shape[0]
+    zeros = torch.zeros(batch, device=device)
+    t0 = zeros if t0 is None else t0.to(device, torch.float32)
+    y0 = zeros if y0 is None else y0.to(device, torch.float32)
+    x0 = zeros if x0 is None else x0.to(device, torch.float32)
+    t = (t0[:, None] + torch.arange(frames, device=device))[:, :, None, None]          # B,T,1,1
+    y = (y0[:, None] + torch.arange(height, device=device) + 0.5)[:, None, :, None]    # B,1,H,1
+    x = (x0[:, None] + torch.arange(width, device=device) + 0.5)[:, None, None, :]     # B,1,1,W
+
+    def col(v):  # (B,) -> (B,1,1,1)
+        return v[:, None, None, None]
+
+    # Background in world coordinates that pan with the camera.
+    bx = x + col(p["cam_vel"][:, 0]) * t
+    by = y + col(p["cam_vel"][:, 1]) * t
+    pattern = 0.0
+    for i in range(p["bg_freq"].shape[1]):
+        a = col(p["bg_angle"][:, i])
+        w = 2 * math.pi * col(p["bg_freq"][:, i])
+        pattern = pattern + col(p["bg_amp"][:, i]) * torch.sin(
+            w * (torch.cos(a) * bx + torch.sin(a) * by) + col(p["bg_phase"][:, i]))
+    mix = torch.sigmoid(col(p["bg_gain"]) * pattern)[:, None]                           # B,1,T,H,W
+    c1 = p["bg_c1"][:, :, None, None, None]
+    c2 = p["bg_c2"][:, :, None, None, None]
+    ga = col(p["bg_grad_angle"])
+    shade = 1 + col(p["bg_grad"]) * (torch.cos(ga) * (bx / WORLD - 0.5) + torch.sin(ga) * (by / WORLD - 0.5))
+    image = (c1 * (1 - mix) + c2 * mix) * shade[:, None]
+
+    count = p["obj_count"]
+    for j in range(p["obj_radius"].shape[1]):
+        active = (count > j).float()
+        cx = col(p["obj_pos"][:, j, 0]) + col(p["obj_vel"][:, j, 0]) * t
+        cy = col(p["obj_pos"][:, j, 1]) + col(p["obj_vel"][:, j, 1]) * t
+        theta = col(p["obj_angle"][:, j]) + col(p["obj_spin"][:, j]) * t
+        dx, dy = x - cx, y - cy
+        cos, sin = torch.cos(theta), torch.sin(theta)
+        lu = cos * dx + sin * dy       # object-local coordinates (rotate with the object)
+        lv = -sin * dx + cos * dy
+        r = col(p["obj_radius"][:, j])
+        kind = col(p["obj_type"][:, j])
+        sdf = torch.where(
+            kind == 0, torch.sqrt(lu * lu + lv * lv) - r,
+            torch.where(kind == 1, torch.maximum(lu.abs(), lv.abs()) - 0.8 * r,
+                        _triangle_sdf(lu, lv, 1.1 * r)))
+        alpha = (0.5 - sdf).clamp(0.0, 1.0) * col(active)                                # 1-px edge
+        stripes = 1 - col(p["obj_stripe_amp"][:, j]) * (
+            0.5 + 0.5 * torch.sin(col(p["obj_stripe_freq"][:, j]) * lu + col(p["obj_stripe_phase"][:, j])))
+        colour = p["obj_color"][:, j, :, None, None, None] * stripes[:, None]
+        alpha = alpha[:, None]
+        image = image * (1 - alpha) + colour * alpha
+    return (image.clamp(0.0, 1.0) * 2 - 1).contiguous()
+
+
+def generate(seed, batch=1, frames=WORLD_FRAMES, height=WORLD, width=WORLD, device="cpu"):
+    """Full-frame videos (B, 3, frames, height, width) in [-1, 1], deterministic from `seed`."""
+    g = torch.Generator().manual_seed(int(seed))
+    return render(scene_params(batch, g), frames, height, width, device=device)
+
+
+def random_clips(batch, frames, height, width, generator, device=None):
+    """Training clips: random windows (frames x height x width) of random scenes, drawn from
+    `generator` and rendered on `device` (default: the generator's)."""
+    params = scene_params(batch, generator)
+    dev = generator.device
+
+    def offset(extent, full):
+        return torch.randint(0, full - extent + 1, (batch,), generator=generator, device=dev) if extent < full else None
+
+    t0, y0, x0 = offset(frames, WORLD_FRAMES), offset(height, WORLD), offset(width, WORLD)
+    return render(params, frames, height, width, t0, y0, x0, device=device or dev)
