@@ -90,19 +90,34 @@ _configs_lock = threading.Lock()
 def _option_text(value):
     if isinstance(value, bool):
         raise SvgearTypeError("svgear: boolean options do not exist; pass numbers or names")
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
+    return str(value)  # str(float) is its shortest round-trip text in Python 3
 
 
 def options_key(method, density=None, **options):
-    """A canonical text form of a method and its options (what the torch op passes around)."""
+    """A canonical text form of a method and its options: "ear;clusters_k=1024;density=0.2".
+
+    Plain string operations only, so torch.compile (dynamo) traces through it to a constant.
+    """
     if not isinstance(method, str):
         raise SvgearTypeError(f"svgear: method must be a string such as 'ear', got {type(method).__name__}")
     if density is not None:
         options["density"] = density
-    items = sorted((key, _option_text(value)) for key, value in options.items() if value is not None)
-    return json.dumps([method, items])
+    parts = [method]
+    for name in sorted(options):
+        if options[name] is not None:
+            parts.append(name + "=" + _option_text(options[name]))
+    return ";".join(parts)
+
+
+def _parse_key(key):
+    method, *items = key.split(";")
+    pairs = []
+    for item in items:
+        name, separator, value = item.partition("=")
+        if not separator:
+            raise SvgearValueError(f"svgear: option '{item}' is malformed: options are name=value")
+        pairs.append((name, value))
+    return method, pairs
 
 
 def config_for(key):
@@ -110,7 +125,7 @@ def config_for(key):
     with _configs_lock:
         config = _configs.get(key)
         if config is None:
-            method, items = json.loads(key)
+            method, items = _parse_key(key)
             config = _Config(method, items)
             if len(_configs) > 256:
                 _configs.clear()

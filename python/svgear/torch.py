@@ -47,6 +47,11 @@ else:
     REGISTERED = False
 
 
+def _compiling():
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
+
+
 def attention(q, k, v, *, method="ear", density=None, layout="bshd", state=None, return_lse=False, **options):
     """svgear.attention for torch tensors, as an operator torch.compile can trace through.
 
@@ -64,6 +69,7 @@ def attention(q, k, v, *, method="ear", density=None, layout="bshd", state=None,
         raise core.SvgearTypeError(
             f"svgear: tensor 'q' has {q.dim()} dimensions: svgear takes 4-D tensors in layout '{layout}'")
     key = core.options_key(method, density, **options)
-    core.config_for(key)  # bad options fail here, before tracing or running anything
+    if not _compiling():
+        core.config_for(key)  # bad options fail here, before anything runs (eager calls)
     out, lse = _attention_op(q, k, v, key, state.id if state is not None else -1, layout, bool(return_lse))
     return (out, lse) if return_lse else out

@@ -49,17 +49,32 @@ def test_bhsd_layout_and_lse():
     assert (lse - torch.logsumexp(scores, -1)).abs().max().item() < 2e-2
 
 
+def clustered_qkv(b=2, s=4096, h=4, d=128, centers=24, seed=0):
+    """Tokens around a few centres, as video tokens are: attention has structure to exploit."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = []
+    for scale in (2.0, 2.0, 1.0):
+        c = torch.randn(b, h, centers, d, generator=g) * scale / d ** 0.25
+        index = torch.randint(0, centers, (b, h, s), generator=g)
+        x = torch.gather(c, 2, index[..., None].expand(b, h, s, d))
+        x = x + 0.3 * scale * torch.randn(b, h, s, d, generator=g) / d ** 0.25
+        tensors.append(x.transpose(1, 2).contiguous().to(DEVICE, torch.bfloat16))
+    return tensors
+
+
 def test_sparse_output_is_close_and_warm_starts():
-    q, k, v = qkv(s=4096)
-    state = svgear.LayerState()
+    # On the CPU path these inputs give rel. errors of 0.006 (EAR) and 0.116 (SVG2) at density 0.3.
+    q, k, v = clustered_qkv()
     dense = sdpa_bshd(q, k, v)
+    state = svgear.LayerState()
     errors = []
     for _ in range(3):
         out = st.attention(q, k, v, method="ear", density=0.3, state=state, clusters_q=32, clusters_k=64)
         errors.append(rel(out, dense))
     assert svgear.last_report()["warm_started"] == 1 and state.steps == 3
-    assert max(errors) < 0.3, errors  # random inputs have no structure: loose, but not garbage
     assert torch.isfinite(out).all()
+    svg2 = rel(st.attention(q, k, v, method="svg2", density=0.3, clusters_q=32, clusters_k=64), dense)
+    assert max(errors) < 0.03 and max(errors) < svg2, (errors, svg2)
 
 
 def test_runs_on_torchs_current_stream():
