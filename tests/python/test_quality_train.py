@@ -65,3 +65,72 @@ def test_the_sampler_inverts_the_training_convention():
     out = sample(oracle, noise, num_steps=7, shift=3.0, on_step=lambda i, n: steps.append((i, n)))
     assert torch.allclose(out, target_video, atol=1e-5)
     assert steps == [(i, 7) for i in range(7)]
+
+
+def _tensors(directory):
+    from svgear.quality import st_io
+
+    state = {}
+    for path in shard_paths(directory):
+        state.update(st_io.load_file(path)[0])
+    return state
+
+
+def test_resume_starts_from_the_checkpoint_and_counts_steps(tmp_path, capsys):
+    import json
+
+    import torch
+
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    common = TINY + ["--time-budget", "600", "--curriculum", "1:2x8x8:2", "--num-samples", "0", "--log-every", "1"]
+    assert train.main(common + ["--out", first, "--max-steps", "2"]) == 0
+    # lr 0 and no weight decay: the resumed run must hand back exactly the weights it started from
+    assert train.main(common + ["--out", second, "--max-steps", "3", "--resume", first, "--lr", "0",
+                                "--weight-decay", "0", "--num-samples", "1", "--sample-steps", "1"]) == 0
+    assert os.path.getsize(os.path.join(second, "samples.png")) > 0
+    before, after = _tensors(first), _tensors(second)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    meta = json.loads(load_checkpoint(second)[1]["train"])
+    assert meta["step"] == 3 and meta["total_steps"] == 5
+    assert meta["resumed"]["steps"] == 2 and meta["resumed"]["previous"]["step"] == 2
+    assert meta["warmup_steps"] == 100, "a resumed run defaults to a short warm-up"
+    assert "resumed from %s: 2 steps" % first in capsys.readouterr().out
+
+
+def test_resume_refuses_a_different_config(tmp_path, capsys):
+    first = str(tmp_path / "first")
+    common = ["--device", "cpu", "--time-budget", "600", "--curriculum", "1:2x8x8:2", "--num-samples", "0",
+              "--heads", "2", "--layers", "2", "--video", "4x16x16"]
+    assert train.main(common + ["--dim", "32", "--out", first, "--max-steps", "1"]) == 0
+    with pytest.raises(SystemExit):
+        train.main(common + ["--dim", "64", "--out", str(tmp_path / "second"), "--max-steps", "1", "--resume", first])
+    err = capsys.readouterr().err
+    assert "config differs" in err and "dim: 64 != 32" in err
+    with pytest.raises(SystemExit):
+        train.main(common + ["--dim", "32", "--out", str(tmp_path / "third"), "--resume", str(tmp_path / "nothing")])
+    assert "no model-*-of-*.safetensors" in capsys.readouterr().err
+
+
+def test_training_timesteps_cover_every_sampler_step():
+    """The sampler's first steps (t near 1) decide a video's layout; the default timestep
+    distribution must train there. Each interval of the default 25-step grid gets >= 0.5% of the
+    training timesteps; the first run's distribution (logit-normal, shift 2) gave the top
+    interval almost none, and its samples had no shapes."""
+    import torch
+
+    from svgear.quality.sampling import time_grid
+
+    args = train.build_parser().parse_args([])
+    torch.manual_seed(0)
+    n = 200000
+    grid = time_grid(25, args.shift).float()
+
+    def shares(t):
+        return [float(((t <= hi) & (t > lo)).float().mean()) for hi, lo in zip(grid[:-1], grid[1:])]
+
+    assert min(shares(train.logit_normal_t(n, args.shift, "cpu", args.t_uniform))) >= 0.005
+    old = shares(train.logit_normal_t(n, 2.0, "cpu", 0.0))
+    assert old[0] < 0.002 and max(old) > 0.05
+    t = train.logit_normal_t(n, 1.0, "cpu", 1.0)
+    assert abs(float(t.mean()) - 0.5) < 0.01 and abs(float((t < 0.1).float().mean()) - 0.1) < 0.01

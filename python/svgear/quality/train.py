@@ -1,16 +1,24 @@
 """Trains the quality model: rectified flow on procedural videos, within a wall-clock budget.
 
-    python3 -m svgear.quality.train --out DIR [--time-budget 330] [--curriculum ...]
+    python3 -m svgear.quality.train --out DIR [--time-budget 330] [--curriculum ...] [--resume CKPT_DIR]
 
 Most of the time goes to small clips (crops of the full scene: RoPE is relative, so what is
 learnt carries over), the last part to the full 16x96x96 video (16x24x24 = 9216 tokens).
 Phases, the learning-rate schedule and the end are driven by the fraction of the budget spent
 (or of --max-steps, when given). EMA weights are saved as bf16 safetensors shards every
 --ckpt-every seconds and at the end, with loss.csv / loss.png and samples.png (dense samples
-of the final model next to a training video).
+of the final model next to a training video). --resume starts from a checkpoint's (EMA) weights
+with a fresh optimizer and a short warm-up, and keeps the cumulative step count.
+
+Timesteps: u is logit-normal (sigmoid of N(0, 1)), or with probability --t-uniform uniform on
+[0, 1] (the sampler's own grid), then shifted, t = s u / (1 + (s - 1) u) with s = --shift, the
+shift the sampler uses. A pixel video is very redundant: its layout (which colours, where the
+shapes are) is decided at t > ~0.9, so the shift must be large and the tail near t = 1 covered.
 """
 import argparse
 import csv
+import dataclasses
+import json
 import math
 import os
 import sys
@@ -20,10 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from . import data, plots
-from .model import DiTConfig, VideoDiT, save_checkpoint
+from . import st_io
+from .model import DiTConfig, VideoDiT, save_checkpoint, shard_paths
 from .sampling import autocast, flow_pair, initial_noise, sample, shift_time
 
-DEFAULT_CURRICULUM = "0.55:8x48x48:64,0.2:16x64x64:16,0.25:16x96x96:8"
+DEFAULT_CURRICULUM = "0.45:8x48x48:64,0.25:16x64x64:16,0.3:16x96x96:8"
 
 
 def parse_triple(text, name="video"):
@@ -73,11 +82,16 @@ def build_parser():
     p.add_argument("--mlp-ratio", type=float, default=2.0)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay to lr * this at the end")
-    p.add_argument("--warmup-steps", type=int, default=200, help="linear learning-rate warm-up steps")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear learning-rate warm-up steps (default 200; 100 with --resume)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved weights")
-    p.add_argument("--shift", type=float, default=2.0, help="timestep shift for training and sampling")
+    p.add_argument("--shift", type=float, default=5.0, help="timestep shift for training and sampling (saved for the evaluation)")
+    p.add_argument("--t-uniform", type=float, default=0.25,
+                   help="share of training timesteps drawn uniformly before the shift (the rest logit-normal)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="start from the checkpoint shards in DIR (same config; EMA weights; fresh optimizer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
@@ -111,8 +125,37 @@ class Ema:
         return dict(zip(self.names, self.shadow))
 
 
-def logit_normal_t(batch, shift, device):
-    return shift_time(torch.sigmoid(torch.randn(batch, device=device)), shift)
+def logit_normal_t(batch, shift, device, uniform=0.0):
+    """Training timesteps: logit-normal u (or uniform u with probability `uniform`), shifted."""
+    u = torch.sigmoid(torch.randn(batch, device=device))
+    if uniform > 0:
+        u = torch.where(torch.rand(batch, device=device) < uniform, torch.rand(batch, device=device), u)
+    return shift_time(u, shift)
+
+
+def read_checkpoint(directory):
+    """(config, train metadata dict, state dict of float32 tensors) of the shards in `directory`."""
+    paths = shard_paths(directory) if os.path.isdir(directory) else []
+    if not paths:
+        raise FileNotFoundError("--resume %s: no model-*-of-*.safetensors shards there" % directory)
+    state, meta = {}, {}
+    for path in paths:
+        tensors, m = st_io.load_file(path)
+        state.update(tensors)
+        meta = meta or m
+    if "config" not in meta:
+        raise ValueError("--resume %s: the shards' metadata has no 'config'" % directory)
+    expected = int(meta.get("shard", "1/1").split("/")[1])
+    if len(paths) != expected:
+        raise ValueError("--resume %s: found %d shards, the metadata says %d" % (directory, len(paths), expected))
+    train_meta = json.loads(meta["train"]) if meta.get("train") else {}
+    return DiTConfig.from_json(meta["config"]), train_meta, {k: v.float() for k, v in state.items()}
+
+
+def config_differences(a, b):
+    """Fields where two DiTConfigs differ: ['dim: 512 != 256', ...]."""
+    da, db = dataclasses.asdict(a), dataclasses.asdict(b)
+    return ["%s: %s != %s" % (k, json.dumps(da[k]), json.dumps(db.get(k))) for k in da if json.dumps(da[k]) != json.dumps(db.get(k))]
 
 
 def write_loss(out, rows, boundaries):
@@ -146,12 +189,41 @@ def main(argv=None):
             cfg.tokens(clip)
     except ValueError as error:
         parser.error(str(error))
-    model = VideoDiT(cfg).to(device)
+    if not 0.0 <= args.t_uniform <= 1.0:
+        parser.error("--t-uniform must be in [0, 1]: %g" % args.t_uniform)
+    if args.shift <= 0:
+        parser.error("--shift must be > 0: %g" % args.shift)
+    resumed = None
+    if args.resume:
+        try:
+            ckpt_cfg, prev, state = read_checkpoint(args.resume)
+        except (OSError, ValueError) as error:
+            parser.error(str(error))
+        diff = config_differences(cfg, ckpt_cfg)
+        if diff:
+            parser.error("--resume %s: the checkpoint's model config differs from this run's (this run != checkpoint): %s; "
+                         "pass the checkpoint's --dim/--heads/--layers/--mlp-ratio/--patch/--video" % (args.resume, "; ".join(diff)))
+    model = VideoDiT(cfg)
+    if args.resume:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            parser.error("--resume %s: the checkpoint's tensors do not match the model: missing %s, unexpected %s" % (
+                args.resume, missing, unexpected))
+        prev_total = int(prev.get("total_steps", prev.get("step", 0)) or 0)
+        prev_seconds = float(prev.get("total_seconds", prev.get("seconds", 0.0)) or 0.0)
+        resumed = {"from": os.path.abspath(args.resume), "steps": prev_total, "seconds": prev_seconds,
+                   "previous": prev}
+    model = model.to(device)
+    warmup_steps = args.warmup_steps if args.warmup_steps is not None else (100 if args.resume else 200)
     n_params = model.num_params()
     print("svgear.quality.train: torch %s on %s%s" % (torch.__version__, device,
           " (%s)" % torch.cuda.get_device_name(device) if device.type == "cuda" else ""))
     print("model: %s; %d params = %.1f MB in bf16; full video %s -> %s tokens" % (
         cfg.to_json(), n_params, n_params * 2 / 1e6, "x".join(map(str, cfg.video)), "x".join(map(str, cfg.tokens()))))
+    if resumed:
+        print("resumed from %s: %d steps (%.0f s) of earlier training (shift %s); fresh optimizer, %d warm-up steps" % (
+            args.resume, resumed["steps"], resumed["seconds"], resumed["previous"].get("shift", "?"), warmup_steps))
+    print("timesteps: logit-normal, %.0f%% uniform, shift %g (training and sampling)" % (100 * args.t_uniform, args.shift))
     print("curriculum: " + ", ".join("%.0f%% %s (%d tokens) x batch %d" % (
         100 * f, "x".join(map(str, c)), math.prod(cfg.tokens(c)), b) for f, c, b in args.curriculum))
     print("budget: %.0f s%s; checkpoints every %.0f s to %s" % (
@@ -163,7 +235,10 @@ def main(argv=None):
     except (TypeError, RuntimeError):
         opt = torch.optim.AdamW(model.parameters(), **kwargs)
     ema = Ema(model, args.ema)
-    data_gen = torch.Generator(device=device).manual_seed(args.seed + 1)  # scenes drawn on the device
+    # scenes drawn on the device; a resumed run continues with other scenes and noise than the first run's
+    seed = args.seed + (resumed["steps"] if resumed else 0)
+    torch.manual_seed(seed)
+    data_gen = torch.Generator(device=device).manual_seed(seed + 1)
     bounds = [sum(p[0] for p in args.curriculum[:i + 1]) for i in range(len(args.curriculum))]
 
     def progress(step):
@@ -171,9 +246,15 @@ def main(argv=None):
         return max(p, step / args.max_steps) if args.max_steps else p
 
     def save(step, final=False):
-        meta = {"train": {"step": step, "seconds": round(time.time() - start, 1), "shift": args.shift,
-                          "curriculum": [[f, list(c), b] for f, c, b in args.curriculum], "lr": args.lr,
-                          "ema": args.ema, "seed": args.seed, "final": final}}
+        seconds = round(time.time() - start, 1)
+        record = {"step": step, "seconds": seconds, "shift": args.shift, "t_uniform": args.t_uniform,
+                  "curriculum": [[f, list(c), b] for f, c, b in args.curriculum], "lr": args.lr,
+                  "warmup_steps": warmup_steps, "ema": args.ema, "seed": args.seed, "final": final,
+                  "total_steps": step + (resumed["steps"] if resumed else 0),
+                  "total_seconds": round(seconds + (resumed["seconds"] if resumed else 0.0), 1)}
+        if resumed:
+            record["resumed"] = resumed
+        meta = {"train": record}
         save_checkpoint(model, args.out, metadata=meta, state=ema.state())
 
     rows, boundaries = [], []
@@ -193,15 +274,15 @@ def main(argv=None):
                 boundaries.append((step, name))
             print("phase %d/%d at step %d (%.0f s): clips %s = %s tokens, batch %d" % (
                 index + 1, len(bounds), step, time.time() - start, name, "x".join(map(str, cfg.tokens(clip))), batch))
-        if step < args.warmup_steps:
-            lr = args.lr * (step + 1) / args.warmup_steps
+        if step < warmup_steps:
+            lr = args.lr * (step + 1) / warmup_steps
         else:
             lr = args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(prog, 1.0))))
         for group in opt.param_groups:
             group["lr"] = lr
 
         x0 = data.random_clips(batch, *clip, generator=data_gen, device=device)
-        t = logit_normal_t(batch, args.shift, device)
+        t = logit_normal_t(batch, args.shift, device, args.t_uniform)
         xt, target = flow_pair(x0, torch.randn_like(x0), t)
         with autocast(device):
             pred = model(xt, t)
@@ -245,7 +326,8 @@ def main(argv=None):
                      "loss": float(loss_sum) / loss_count, "lr": lr, "it_per_s": ""})
     save(step, final=True)
     write_loss(args.out, rows, boundaries)
-    print("trained %d steps in %.0f s; final checkpoint in %s" % (step, train_seconds, args.out))
+    print("trained %d steps in %.0f s%s; final checkpoint in %s" % (
+        step, train_seconds, " (%d in all with the resumed checkpoint's)" % (step + resumed["steps"]) if resumed else "", args.out))
     if device.type == "cuda":
         print("peak GPU memory %.1f GiB" % (torch.cuda.max_memory_allocated(device) / 2 ** 30))
 
@@ -261,9 +343,11 @@ def main(argv=None):
             video = sample(model, initial_noise(1000 + i, shape, device), args.sample_steps, args.shift)
             rows_png.append(("sample %d" % i, video[0]))
         rows_png.append(("training data", data.generate(12345, 1, *cfg.video, device=device)[0]))
+        total = step + (resumed["steps"] if resumed else 0)
         plots.frames_grid(os.path.join(args.out, "samples.png"), rows_png, count=8,
-                          title="dense samples (%d Euler steps, shift %g) after %d steps / %.0f s" % (
-                              args.sample_steps, args.shift, step, train_seconds))
+                          title="dense samples (%d Euler steps, shift %g) after %d steps / %.0f s%s" % (
+                              args.sample_steps, args.shift, total, train_seconds + (resumed["seconds"] if resumed else 0),
+                              " (resumed at step %d)" % resumed["steps"] if resumed else ""))
         print("wrote samples.png (%d samples in %.1f s)" % (args.num_samples, time.time() - t0))
     print("done in %.0f s" % (time.time() - start))
     return 0
