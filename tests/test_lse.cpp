@@ -20,19 +20,12 @@
 #include "test_support.hpp"
 
 using namespace svgear;
+using svgear::testing::clustered_qkv;
 using svgear::testing::clustered_tensor;
+using svgear::testing::Qkv;
 using svgear::testing::random_tensor;
 
 namespace {
-
-struct Qkv {
-  HostTensor q, k, v;
-};
-
-Qkv clustered_qkv(std::int64_t s, std::int64_t d, std::uint64_t seed, std::int64_t heads = 2) {
-  return {clustered_tensor(1, heads, s, d, 12, 0.4, seed, 0.45),
-          clustered_tensor(1, heads, s, d, 12, 0.4, seed + 1, 0.45), random_tensor({1, heads, s, d}, seed + 2)};
-}
 
 MethodConfig small(Method method, double density) {
   MethodConfig config = preset(method);

@@ -43,4 +43,14 @@ inline HostTensor clustered_tensor(std::int64_t b, std::int64_t h, std::int64_t 
   return t;
 }
 
+// Clustered queries and keys (12 classes), random values: attention with structure to exploit.
+struct Qkv {
+  HostTensor q, k, v;
+};
+
+inline Qkv clustered_qkv(std::int64_t s, std::int64_t d, std::uint64_t seed, std::int64_t heads = 2) {
+  return {clustered_tensor(1, heads, s, d, 12, 0.4, seed, 0.45), clustered_tensor(1, heads, s, d, 12, 0.4, seed + 1, 0.45),
+          random_tensor({1, heads, s, d}, seed + 2)};
+}
+
 }  // namespace svgear::testing
