@@ -91,8 +91,7 @@ inline constexpr int kQueryTile = 64;
 // Two kernels compute the same function: a wgmma (Hopper, sm_90a) one, taken on a compute
 // capability 9.0 device when the build includes CUDA architecture 90a, and an mma.sync one
 // everywhere else. The environment variable SVGEAR_ATTENTION_KERNEL=sm80 forces the mma.sync
-// kernel, =sm90 the wgmma one (an error where it cannot run), =sm90s / sm90p / sm90sp its
-// variants (key-split lone 64-row tiles, consumer ping-pong, both); it is read on every call.
+// kernel, =sm90 the wgmma one (an error where it cannot run); it is read on every call.
 void sparse_attention(const SparseAttentionProblem& problem, void* stream);
 
 // Whether the wgmma kernel can run on the current device (compute capability 9.0 and an
