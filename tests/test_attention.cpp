@@ -11,6 +11,8 @@ using namespace svgear;
 using svgear::testing::clustered_qkv;
 using svgear::testing::clustered_tensor;
 using svgear::testing::Qkv;
+using svgear::testing::qkv_with_six_key_values;
+using svgear::testing::small_config;
 using svgear::testing::random_tensor;
 
 namespace {
@@ -29,14 +31,6 @@ double error_vs(const HostTensor& out, const HostTensor& ref) {
   return compare(out.view_bhsd("out"), ref.view_bhsd("ref")).rel_l2;
 }
 
-MethodConfig small(Method method, double density) {
-  MethodConfig config = preset(method);
-  config.density = density;
-  config.clusters_q = 8;
-  config.clusters_k = 16;
-  return config;
-}
-
 }  // namespace
 
 TEST(Attention, SparseAtFullDensityEqualsDense) {
@@ -44,7 +38,7 @@ TEST(Attention, SparseAtFullDensityEqualsDense) {
   const HostTensor dense = run(in, preset(Method::dense));
   for (Method method : {Method::svg2, Method::ear}) {
     AttentionReport report;
-    const HostTensor sparse = run(in, small(method, 1.0), &report);
+    const HostTensor sparse = run(in, small_config(method, 1.0), &report);
     EXPECT_DOUBLE_EQ(report.density, 1.0);
     EXPECT_LE(error_vs(sparse, dense), 1e-6) << method_name(method);
   }
@@ -77,15 +71,10 @@ TEST(Attention, CentroidCompensationIsExactWhenClusterKeysAreIdentical) {
   // Keys take only 6 distinct values, so with 6 key clusters every cluster's keys coincide
   // with its centroid and compensation reproduces the skipped blocks exactly.
   const std::int64_t s = 240, d = 16;
-  Qkv in{random_tensor({1, 2, s, d}, 5), HostTensor(DType::f32, {1, 2, s, d}), random_tensor({1, 2, s, d}, 6)};
-  const HostTensor distinct = random_tensor({2, 6, d}, 7);
-  for (std::int64_t head = 0; head < 2; ++head)
-    for (std::int64_t token = 0; token < s; ++token)
-      for (std::int64_t j = 0; j < d; ++j)
-        in.k.set((head * s + token) * d + j, distinct.at((head * 6 + (token * 7) % 6) * d + j));
+  const Qkv in = qkv_with_six_key_values(s, d);
   const HostTensor dense = run(in, preset(Method::dense));
   for (double density : {0.05, 0.2, 0.5, 0.9}) {
-    MethodConfig config = small(Method::ear, density);
+    MethodConfig config = small_config(Method::ear, density);
     config.clusters_k = 6;
     EXPECT_LE(error_vs(run(in, config), dense), 1e-6) << "density " << density;
   }
@@ -96,7 +85,7 @@ TEST(Attention, DensityWithinOneBlockOfTheBudget) {
   for (Method method : {Method::svg2, Method::ear}) {
     for (double density : {0.1, 0.3, 0.6}) {
       AttentionReport report;
-      run(in, small(method, density), &report);
+      run(in, small_config(method, density), &report);
       EXPECT_GE(report.density, density - 1e-12);
       // One block is at most the largest query cluster times the largest key cluster; per head.
       EXPECT_LE(report.density, density + 0.25) << method_name(method);
@@ -107,9 +96,9 @@ TEST(Attention, DensityWithinOneBlockOfTheBudget) {
 
 TEST(Attention, DeterministicForAFixedSeed) {
   const Qkv in = clustered_qkv(256, 16, 31);
-  const HostTensor a = run(in, small(Method::ear, 0.2)), b = run(in, small(Method::ear, 0.2));
+  const HostTensor a = run(in, small_config(Method::ear, 0.2)), b = run(in, small_config(Method::ear, 0.2));
   EXPECT_EQ(a.bytes, b.bytes);
-  MethodConfig other = small(Method::ear, 0.2);
+  MethodConfig other = small_config(Method::ear, 0.2);
   other.seed = 99;
   EXPECT_NE(run(in, other).bytes, a.bytes);  // the seed does reach k-means++
 }
@@ -118,17 +107,17 @@ TEST(Attention, WarmStartUsesAndUpdatesTheState) {
   const Qkv in = clustered_qkv(256, 16, 41);
   LayerState state;
   AttentionReport first, second;
-  run(in, small(Method::ear, 0.2), &first, &state);
+  run(in, small_config(Method::ear, 0.2), &first, &state);
   EXPECT_FALSE(first.warm_started);
   EXPECT_EQ(state.steps, 1);
   EXPECT_EQ(state.k_centroids.size(), std::size_t(2 * 16 * 16));
   const HostTensor dense = run(in, preset(Method::dense));
-  const HostTensor warm = run(in, small(Method::ear, 0.2), &second, &state);
+  const HostTensor warm = run(in, small_config(Method::ear, 0.2), &second, &state);
   EXPECT_TRUE(second.warm_started);
   EXPECT_EQ(state.steps, 2);
   EXPECT_LT(error_vs(warm, dense), 0.2);
   // Another cluster count does not fit the cache: cold start, cache replaced.
-  MethodConfig other = small(Method::ear, 0.2);
+  MethodConfig other = small_config(Method::ear, 0.2);
   other.clusters_k = 8;
   AttentionReport third;
   run(in, other, &third, &state);
@@ -155,7 +144,7 @@ TEST(Attention, StridedAndReducedPrecisionTensors) {
   };
   const HostTensor q = to_bshd(in.q, DType::bf16), k = to_bshd(in.k, DType::bf16), v = to_bshd(in.v, DType::bf16);
   HostTensor out(DType::bf16, {1, s, h, d}), ref(DType::f32, {1, s, h, d});
-  attention(view(q), view(k), view(v), view(out), small(Method::ear, 1.0));
+  attention(view(q), view(k), view(v), view(out), small_config(Method::ear, 1.0));
   dense_attention(view(q), view(k), view(v), view(ref));
   EXPECT_LE(compare(view(out), view(ref)).rel_l2, 1e-2);  // bf16 output rounding only
 }
@@ -164,9 +153,9 @@ TEST(Attention, SameBytesWhateverTheThreadCount) {
   const Qkv in = clustered_qkv(256, 16, 61);
   const int threads = omp_get_max_threads();
   omp_set_num_threads(1);
-  const HostTensor one = run(in, small(Method::ear, 0.2));
+  const HostTensor one = run(in, small_config(Method::ear, 0.2));
   omp_set_num_threads(std::max(threads, 2));
-  const HostTensor many = run(in, small(Method::ear, 0.2));
+  const HostTensor many = run(in, small_config(Method::ear, 0.2));
   omp_set_num_threads(threads);
   EXPECT_EQ(one.bytes, many.bytes);
 }

@@ -23,17 +23,11 @@ using namespace svgear;
 using svgear::testing::clustered_qkv;
 using svgear::testing::clustered_tensor;
 using svgear::testing::Qkv;
+using svgear::testing::qkv_with_six_key_values;
+using svgear::testing::small_config;
 using svgear::testing::random_tensor;
 
 namespace {
-
-MethodConfig small(Method method, double density) {
-  MethodConfig config = preset(method);
-  config.density = density;
-  config.clusters_q = 8;
-  config.clusters_k = 16;
-  return config;
-}
 
 // An lse tensor [B, H, Sq, 1] for q, poisoned with NaN.
 HostTensor lse_for(const HostTensor& q) {
@@ -110,14 +104,14 @@ TEST(Lse, EveryMethodAtFullDensityGivesTheDenseLse) {
   const Qkv in = clustered_qkv(300, 32, 11);
   const Result dense = run(in, preset(Method::dense));
   for (Method method : {Method::svg2, Method::ear}) {
-    const Result sparse = run(in, small(method, 1.0));
+    const Result sparse = run(in, small_config(method, 1.0));
     EXPECT_LE(max_abs_difference(sparse.lse, dense.lse), 1e-5) << method_name(method);
   }
 }
 
 TEST(Lse, OutputIsTheSameBytesWithOrWithoutLse) {
   const Qkv in = clustered_qkv(256, 16, 21);
-  for (const MethodConfig& config : {preset(Method::dense), small(Method::svg2, 0.2), small(Method::ear, 0.2)}) {
+  for (const MethodConfig& config : {preset(Method::dense), small_config(Method::svg2, 0.2), small_config(Method::ear, 0.2)}) {
     const Result with = run(in, config, true), without = run(in, config, false);
     EXPECT_EQ(with.out.bytes, without.out.bytes) << method_name(config.method);
     for (std::int64_t i = 0; i < with.lse.numel(); ++i) {
@@ -132,8 +126,8 @@ TEST(Lse, DropModeIsBelowDenseAndCompensationStaysClose) {
   const Qkv in = clustered_qkv(320, 16, 31);
   const Result dense = run(in, preset(Method::dense));
   for (double density : {0.05, 0.2, 0.5}) {
-    const Result svg2 = run(in, small(Method::svg2, density));
-    const Result ear = run(in, small(Method::ear, density));
+    const Result svg2 = run(in, small_config(Method::svg2, density));
+    const Result ear = run(in, small_config(Method::ear, density));
     double ear_gap = 0;
     for (std::int64_t i = 0; i < dense.lse.numel(); ++i) {
       ASSERT_TRUE(std::isfinite(svg2.lse.at(i)) && std::isfinite(ear.lse.at(i))) << "row " << i;
@@ -148,15 +142,10 @@ TEST(Lse, CompensationIsExactWhenClusterKeysAreIdentical) {
   // Keys take 6 distinct values and there are 6 key clusters: each skipped cluster's n_j
   // e^{q.mu_j / sqrt D} is exactly its keys' sum, so the lse is the dense one at every density.
   const std::int64_t s = 240, d = 16;
-  Qkv in{random_tensor({1, 2, s, d}, 5), HostTensor(DType::f32, {1, 2, s, d}), random_tensor({1, 2, s, d}, 6)};
-  const HostTensor distinct = random_tensor({2, 6, d}, 7);
-  for (std::int64_t head = 0; head < 2; ++head)
-    for (std::int64_t token = 0; token < s; ++token)
-      for (std::int64_t j = 0; j < d; ++j)
-        in.k.set((head * s + token) * d + j, distinct.at((head * 6 + (token * 7) % 6) * d + j));
+  const Qkv in = qkv_with_six_key_values(s, d);
   const Result dense = run(in, preset(Method::dense));
   for (double density : {0.05, 0.2, 0.5}) {
-    MethodConfig config = small(Method::ear, density);
+    MethodConfig config = small_config(Method::ear, density);
     config.clusters_k = 6;
     EXPECT_LE(max_abs_difference(run(in, config).lse, dense.lse), 1e-5) << "density " << density;
   }
@@ -266,7 +255,7 @@ TEST(Lse, StridedViewIsWrittenInPlaceOnly) {
   lse.shape = {1, h, s, 1};
   lse.strides = {s * h * 3, 3, h * 3, 1};
   HostTensor out(DType::f32, in.q.shape);
-  const MethodConfig config = small(Method::ear, 0.3);
+  const MethodConfig config = small_config(Method::ear, 0.3);
   attention(in.q.view_bhsd("q"), in.k.view_bhsd("k"), in.v.view_bhsd("v"), out.view_bhsd("out"), config, nullptr,
             nullptr, &lse);
   const Result contiguous = run(in, config);
@@ -287,7 +276,7 @@ TEST(Lse, BadLseViewIsRejectedBeforeAnyWrite) {
     for (std::int64_t i = 0; i < out.numel(); ++i) out.set(i, 7.0f);
     TensorView lse = lse_tensor.view_bhsd("lse");
     lse.device = device;
-    for (const MethodConfig& config : {small(Method::ear, 0.2), preset(Method::dense)}) {
+    for (const MethodConfig& config : {small_config(Method::ear, 0.2), preset(Method::dense)}) {
       try {
         attention(in.q.view_bhsd("q"), in.k.view_bhsd("k"), in.v.view_bhsd("v"), out.view_bhsd("out"), config,
                   nullptr, nullptr, &lse);

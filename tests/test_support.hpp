@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cpu/random.hpp"
+#include "svgear/config.hpp"
 #include "svgear/tensor.hpp"
 
 namespace svgear::testing {
@@ -51,6 +52,28 @@ struct Qkv {
 inline Qkv clustered_qkv(std::int64_t s, std::int64_t d, std::uint64_t seed, std::int64_t heads = 2) {
   return {clustered_tensor(1, heads, s, d, 12, 0.4, seed, 0.45), clustered_tensor(1, heads, s, d, 12, 0.4, seed + 1, 0.45),
           random_tensor({1, heads, s, d}, seed + 2)};
+}
+
+// Random q and v; keys taking only 6 distinct values per head (token t has value t * 7 mod 6).
+// With 6 key clusters every cluster's keys equal its centroid, so centroid compensation of any
+// skipped block is exact.
+inline Qkv qkv_with_six_key_values(std::int64_t s, std::int64_t d) {
+  Qkv in{random_tensor({1, 2, s, d}, 5), HostTensor(DType::f32, {1, 2, s, d}), random_tensor({1, 2, s, d}, 6)};
+  const HostTensor distinct = random_tensor({2, 6, d}, 7);
+  for (std::int64_t head = 0; head < 2; ++head)
+    for (std::int64_t token = 0; token < s; ++token)
+      for (std::int64_t j = 0; j < d; ++j)
+        in.k.set((head * s + token) * d + j, distinct.at((head * 6 + (token * 7) % 6) * d + j));
+  return in;
+}
+
+// A method's preset with `density` and few clusters (8 query, 16 key), for small inputs.
+inline MethodConfig small_config(Method method, double density) {
+  MethodConfig config = preset(method);
+  config.density = density;
+  config.clusters_q = 8;
+  config.clusters_k = 16;
+  return config;
 }
 
 }  // namespace svgear::testing
