@@ -35,6 +35,7 @@ namespace svgear::cuda {
 namespace {
 
 using sm80::kFullMask;
+using attention::gather_rows_async;
 using attention::KernelParams;
 using attention::lse_of_head;
 using attention::raise_error;
@@ -132,20 +133,13 @@ __device__ bool fetch_work_tile(const KernelParams& p, WorkTile& tile) {
 // ---------------------------------------------------------------------------------------------
 
 // Warp w copies tile rows [16w, 16w + 16) of 16-bit elements; lane (l & 15) names the source
-// row of tile row 16w + (l & 15) (negative: zero-fill). A pass moves 32 16-byte chunks.
+// row of tile row 16w + (l & 15) (negative: zero-fill).
 template <typename Traits>
 __device__ __forceinline__ void copy_rows_async(std::uint32_t tile, const std::uint16_t* rows, std::int64_t row_stride,
                                                 int row_index, int warp, int lane) {
-  constexpr int kRowsPerPass = 32 / Traits::kChunks;
-#pragma unroll
-  for (int pass = 0; pass < Traits::kWarpRows / kRowsPerPass; ++pass) {
-    const int local = pass * kRowsPerPass + lane / Traits::kChunks;
-    const int chunk = lane % Traits::kChunks;
-    const int index = __shfl_sync(kFullMask, row_index, local);
-    const std::uint16_t* source = rows + (index >= 0 ? index * row_stride + chunk * 8 : 0);
-    const int offset = sm80::swizzled_offset<Traits::kHeadDim>(Traits::kWarpRows * warp + local, chunk);
-    sm80::cp_async_16(tile + 2 * offset, source, index >= 0);
-  }
+  gather_rows_async<Traits::kChunks, Traits::kWarpRows>(tile, rows, row_stride, row_index, lane, [&](int row, int chunk) {
+    return 2 * sm80::swizzled_offset<Traits::kHeadDim>(Traits::kWarpRows * warp + row, chunk);
+  });
 }
 
 // Warp w copies fp32 mean rows [8w, 8w + 8) of a pseudo-key tile, unswizzled; lane (l & 7)

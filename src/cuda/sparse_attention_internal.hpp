@@ -130,6 +130,25 @@ struct SlotInfo {
   int count = 0;
 };
 
+// The producers' gather: copies kRows rows of 16-bit elements (kChunks 16-byte chunks each) into
+// a shared tile with cp.async. Lane l names the source row of tile row l (negative: zero-fill);
+// a pass moves 32 chunks, so 32 / kChunks rows. `byte_offset(row, chunk)` places a chunk in the
+// tile: each kernel passes its own swizzle.
+template <int kChunks, int kRows, class ByteOffset>
+__device__ __forceinline__ void gather_rows_async(std::uint32_t tile, const std::uint16_t* rows,
+                                                  std::int64_t row_stride, int row_index, int lane,
+                                                  ByteOffset byte_offset) {
+  constexpr int kRowsPerPass = 32 / kChunks;
+#pragma unroll
+  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
+    const int local = pass * kRowsPerPass + lane / kChunks;
+    const int chunk = lane % kChunks;
+    const int index = __shfl_sync(sm80::kFullMask, row_index, local);
+    const std::uint16_t* source = rows + (index >= 0 ? index * row_stride + chunk * 8 : 0);
+    sm80::cp_async_16(tile + byte_offset(local, chunk), source, index >= 0);
+  }
+}
+
 // Runs the problem on the Hopper kernel (sparse_attention_sm90.cu); `params` come from the
 // validated problem. Only where sm90_attention_available().
 void launch_sm90(const KernelParams& params, const SparseAttentionProblem& problem, cudaStream_t stream);

@@ -171,19 +171,13 @@ struct KeyPlan {
 // ---------------------------------------------------------------------------------------------
 
 // Producer warp w copies rows [32w, 32w + 32) of a 128-row tile; lane l names the source row of
-// tile row 32w + l (negative: zero-fill). A pass moves 32 16-byte chunks: 32 / kChunks rows.
+// tile row 32w + l (negative: zero-fill).
 template <typename Traits>
 __device__ __forceinline__ void copy_rows_async(std::uint32_t tile, const std::uint16_t* rows, std::int64_t row_stride,
                                                 int row_index, int warp, int lane) {
-  constexpr int kRowsPerPass = 32 / Traits::kChunks;
-#pragma unroll
-  for (int pass = 0; pass < 32 / kRowsPerPass; ++pass) {
-    const int local = pass * kRowsPerPass + lane / Traits::kChunks;
-    const int chunk = lane % Traits::kChunks;
-    const int index = __shfl_sync(kFullMask, row_index, local);
-    const std::uint16_t* source = rows + (index >= 0 ? index * row_stride + chunk * 8 : 0);
-    sm80::cp_async_16(tile + sm90::swizzled_offset<Traits::kKeyTile>(32 * warp + local, chunk), source, index >= 0);
-  }
+  gather_rows_async<Traits::kChunks, 32>(tile, rows, row_stride, row_index, lane, [&](int row, int chunk) {
+    return sm90::swizzled_offset<Traits::kKeyTile>(32 * warp + row, chunk);
+  });
 }
 
 template <typename Traits>
