@@ -247,6 +247,17 @@ class _CaptureSpec:
         self.files: list[str] = []
 
 
+def _heads_qkv(attn, x, projections, norm_q, norm_k):
+    """q, k, v of x (B, S, H, D) as HunyuanVideo's processor makes them: project, split into
+    heads, then normalise q and k where the module has norms. Serves the video and text streams."""
+    query, key, value = (projection(x).unflatten(2, (attn.heads, -1)) for projection in projections)
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    return query, key, value
+
+
 class _Controller:
     def __init__(self, transformer, kind: str, router, num_inference_steps, scheduler, num_layers: int,
                  fractional_warmup: bool = False):
@@ -562,20 +573,8 @@ class SvgearHunyuanVideoAttnProcessor(_SvgearProcessorBase):
         if attn.add_q_proj is None and encoder_hidden_states is not None:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
 
-        # 1. QKV projections
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-
-        query = query.unflatten(2, (attn.heads, -1))
-        key = key.unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-
-        # 2. QK normalization
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        # 1. QKV projections, 2. QK normalization
+        query, key, value = _heads_qkv(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v), attn.norm_q, attn.norm_k)
 
         # 3. Rotational positional embeddings applied to latent stream
         if image_rotary_emb is not None:
@@ -602,18 +601,9 @@ class SvgearHunyuanVideoAttnProcessor(_SvgearProcessorBase):
 
         # 4. Encoder condition QKV projection and normalization
         if attn.add_q_proj is not None and encoder_hidden_states is not None:
-            encoder_query = attn.add_q_proj(encoder_hidden_states)
-            encoder_key = attn.add_k_proj(encoder_hidden_states)
-            encoder_value = attn.add_v_proj(encoder_hidden_states)
-
-            encoder_query = encoder_query.unflatten(2, (attn.heads, -1))
-            encoder_key = encoder_key.unflatten(2, (attn.heads, -1))
-            encoder_value = encoder_value.unflatten(2, (attn.heads, -1))
-
-            if attn.norm_added_q is not None:
-                encoder_query = attn.norm_added_q(encoder_query)
-            if attn.norm_added_k is not None:
-                encoder_key = attn.norm_added_k(encoder_key)
+            encoder_query, encoder_key, encoder_value = _heads_qkv(
+                attn, encoder_hidden_states, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                attn.norm_added_q, attn.norm_added_k)
 
             query = torch.cat([query, encoder_query], dim=1)
             key = torch.cat([key, encoder_key], dim=1)
