@@ -18,7 +18,7 @@ import torch
 from . import st_io
 from .evaluate import DEFAULT_CHECKPOINT, parse_list
 from .model import dense_attention, load_checkpoint
-from .sampling import initial_noise, sample, time_grid
+from .sampling import initial_noise, sample, sampler_shift, time_grid
 from .train import parse_triple, pick_device
 
 
@@ -34,7 +34,7 @@ def build_parser():
     p.add_argument("--heads", default="0,3,6", help="comma list of heads to keep, or 'all'")
     p.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shift", type=float, default=None, help="timestep shift (default: the training shift)")
+    p.add_argument("--shift", type=float, default=None, help="timestep shift of the sampler (default: the checkpoint's sample_shift, else its training shift)")
     p.add_argument("--device", default="auto")
     return p
 
@@ -92,7 +92,7 @@ def main(argv=None):
         print("svgear-quality: error: %s" % error, file=sys.stderr)
         return 2
     train_meta = json.loads(meta.get("train", "{}"))
-    shift = args.shift if args.shift is not None else float(train_meta.get("shift", 2.0))
+    shift = args.shift if args.shift is not None else sampler_shift(train_meta)
     heads = None if args.heads == "all" else parse_list(args.heads, int)
     paths = capture(model, layers=parse_list(args.layers, int), steps=parse_list(args.steps, int),
                     num_steps=args.num_steps, video=tuple(args.video), heads=heads,

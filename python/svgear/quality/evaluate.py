@@ -21,7 +21,7 @@ import torch
 
 from . import metrics, plots
 from .model import load_checkpoint
-from .sampling import autocast, initial_noise, sample
+from .sampling import autocast, initial_noise, sample, sampler_shift
 from .train import parse_triple, pick_device
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
@@ -78,7 +78,7 @@ def build_parser():
     p.add_argument("--num-videos", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="video i uses initial noise from seed + i")
     p.add_argument("--steps", type=int, default=25, help="Euler sampling steps")
-    p.add_argument("--shift", type=float, default=None, help="timestep shift (default: the training shift)")
+    p.add_argument("--shift", type=float, default=None, help="timestep shift of the sampler (default: the checkpoint's sample_shift, else its training shift)")
     p.add_argument("--video", type=parse_triple, default=None, help="FxHxW pixels (default: the model's full size)")
     p.add_argument("--methods", default="dense,svg2,ear", help="comma list; 'dense' runs the router's dense path")
     p.add_argument("--densities", default="0.1,0.2,0.3")
@@ -253,7 +253,7 @@ def main(argv=None):
         return 2
     cfg = model.cfg
     train_meta = json.loads(meta.get("train", "{}"))
-    shift = args.shift if args.shift is not None else float(train_meta.get("shift", 2.0))
+    shift = args.shift if args.shift is not None else sampler_shift(train_meta)
     video = tuple(args.video or cfg.video)
     grid = cfg.tokens(video)
     tokens = grid[0] * grid[1] * grid[2]

@@ -10,6 +10,12 @@ def shift_time(t, shift):
     return shift * t / (1 + (shift - 1) * t)
 
 
+def sampler_shift(train_meta):
+    """The sampler shift a checkpoint's training record asks for: its `sample_shift`, else the
+    training `shift` (older checkpoints), else 2."""
+    return float(train_meta.get("sample_shift", train_meta.get("shift", 2.0)))
+
+
 def time_grid(num_steps, shift, device="cpu"):
     return shift_time(torch.linspace(1.0, 0.0, num_steps + 1, device=device, dtype=torch.float64), shift)
 

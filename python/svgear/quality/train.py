@@ -90,6 +90,11 @@ def build_parser():
     p.add_argument("--shift", type=float, default=5.0, help="timestep shift for training and sampling (saved for the evaluation)")
     p.add_argument("--t-uniform", type=float, default=0.25,
                    help="share of training timesteps drawn uniformly before the shift (the rest logit-normal)")
+    p.add_argument("--t-linear", type=float, default=0.3,
+                   help="share of training timesteps drawn uniformly on [0, 1] with no shift: the low-noise end, "
+                        "where edges and stripes are decided, which the shifted draws almost never reach")
+    p.add_argument("--sample-shift", type=float, default=None,
+                   help="timestep shift of the sampler (samples.png, and saved for the evaluation; default: --shift)")
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="start from the checkpoint shards in DIR (same config; EMA weights; fresh optimizer)")
     p.add_argument("--seed", type=int, default=0)
@@ -125,12 +130,16 @@ class Ema:
         return dict(zip(self.names, self.shadow))
 
 
-def logit_normal_t(batch, shift, device, uniform=0.0):
-    """Training timesteps: logit-normal u (or uniform u with probability `uniform`), shifted."""
+def logit_normal_t(batch, shift, device, uniform=0.0, linear=0.0):
+    """Training timesteps: logit-normal u (or uniform u with probability `uniform`), shifted; or,
+    with probability `linear`, t uniform on [0, 1] without the shift."""
     u = torch.sigmoid(torch.randn(batch, device=device))
     if uniform > 0:
         u = torch.where(torch.rand(batch, device=device) < uniform, torch.rand(batch, device=device), u)
-    return shift_time(u, shift)
+    t = shift_time(u, shift)
+    if linear > 0:
+        t = torch.where(torch.rand(batch, device=device) < linear, torch.rand(batch, device=device), t)
+    return t
 
 
 def read_checkpoint(directory):
@@ -191,8 +200,14 @@ def main(argv=None):
         parser.error(str(error))
     if not 0.0 <= args.t_uniform <= 1.0:
         parser.error("--t-uniform must be in [0, 1]: %g" % args.t_uniform)
+    if not 0.0 <= args.t_linear <= 1.0:
+        parser.error("--t-linear must be in [0, 1]: %g" % args.t_linear)
     if args.shift <= 0:
         parser.error("--shift must be > 0: %g" % args.shift)
+    if args.sample_shift is None:
+        args.sample_shift = args.shift
+    if args.sample_shift <= 0:
+        parser.error("--sample-shift must be > 0: %g" % args.sample_shift)
     resumed = None
     if args.resume:
         try:
@@ -223,7 +238,8 @@ def main(argv=None):
     if resumed:
         print("resumed from %s: %d steps (%.0f s) of earlier training (shift %s); fresh optimizer, %d warm-up steps" % (
             args.resume, resumed["steps"], resumed["seconds"], resumed["previous"].get("shift", "?"), warmup_steps))
-    print("timesteps: logit-normal, %.0f%% uniform, shift %g (training and sampling)" % (100 * args.t_uniform, args.shift))
+    print("timesteps: logit-normal, %.0f%% uniform, shift %g, then %.0f%% linear (unshifted); sampler shift %g" % (
+        100 * args.t_uniform, args.shift, 100 * args.t_linear, args.sample_shift))
     print("curriculum: " + ", ".join("%.0f%% %s (%d tokens) x batch %d" % (
         100 * f, "x".join(map(str, c)), math.prod(cfg.tokens(c)), b) for f, c, b in args.curriculum))
     print("budget: %.0f s%s; checkpoints every %.0f s to %s" % (
@@ -248,6 +264,7 @@ def main(argv=None):
     def save(step, final=False):
         seconds = round(time.time() - start, 1)
         record = {"step": step, "seconds": seconds, "shift": args.shift, "t_uniform": args.t_uniform,
+                  "t_linear": args.t_linear, "sample_shift": args.sample_shift,
                   "curriculum": [[f, list(c), b] for f, c, b in args.curriculum], "lr": args.lr,
                   "warmup_steps": warmup_steps, "ema": args.ema, "seed": args.seed, "final": final,
                   "total_steps": step + (resumed["steps"] if resumed else 0),
@@ -282,7 +299,7 @@ def main(argv=None):
             group["lr"] = lr
 
         x0 = data.random_clips(batch, *clip, generator=data_gen, device=device)
-        t = logit_normal_t(batch, args.shift, device, args.t_uniform)
+        t = logit_normal_t(batch, args.shift, device, args.t_uniform, args.t_linear)
         xt, target = flow_pair(x0, torch.randn_like(x0), t)
         with autocast(device):
             pred = model(xt, t)
@@ -340,13 +357,13 @@ def main(argv=None):
         rows_png = []
         t0 = time.time()
         for i in range(args.num_samples):
-            video = sample(model, initial_noise(1000 + i, shape, device), args.sample_steps, args.shift)
+            video = sample(model, initial_noise(1000 + i, shape, device), args.sample_steps, args.sample_shift)
             rows_png.append(("sample %d" % i, video[0]))
         rows_png.append(("training data", data.generate(12345, 1, *cfg.video, device=device)[0]))
         total = step + (resumed["steps"] if resumed else 0)
         plots.frames_grid(os.path.join(args.out, "samples.png"), rows_png, count=8,
                           title="dense samples (%d Euler steps, shift %g) after %d steps / %.0f s%s" % (
-                              args.sample_steps, args.shift, total, train_seconds + (resumed["seconds"] if resumed else 0),
+                              args.sample_steps, args.sample_shift, total, train_seconds + (resumed["seconds"] if resumed else 0),
                               " (resumed at step %d)" % resumed["steps"] if resumed else ""))
         print("wrote samples.png (%d samples in %.1f s)" % (args.num_samples, time.time() - t0))
     print("done in %.0f s" % (time.time() - start))
