@@ -130,6 +130,62 @@ TEST(CApi, StateWarmStartsAndResets) {
   svgear_state_destroy(nullptr);  // like free(NULL)
 }
 
+TEST(CApi, SynchronizeOptionParsesAndIsDescribed) {
+  Config config("ear");
+  EXPECT_NE(std::string(svgear_config_describe(config.handle)).find("\"synchronize\":true"), std::string::npos);
+  ASSERT_EQ(svgear_config_set(config.handle, "synchronize", "false"), SVGEAR_OK) << svgear_last_error();
+  EXPECT_NE(std::string(svgear_config_describe(config.handle)).find("\"synchronize\":false"), std::string::npos);
+  ASSERT_EQ(svgear_config_set(config.handle, "synchronize", "1"), SVGEAR_OK);
+  EXPECT_NE(std::string(svgear_config_describe(config.handle)).find("\"synchronize\":true"), std::string::npos);
+  EXPECT_EQ(svgear_config_set(config.handle, "synchronize", "maybe"), SVGEAR_ERROR_VALUE);
+  EXPECT_NE(std::string(svgear_last_error()).find("choose true or false"), std::string::npos) << svgear_last_error();
+  EXPECT_EQ(svgear_config_set(config.handle, "density", "true"), SVGEAR_ERROR_VALUE);  // not a boolean option
+}
+
+// On CPU tensors synchronize = false changes nothing: the same output, a complete report, NaN
+// inputs raised by the call itself, with or without a state; svgear_state_synchronize is a no-op.
+TEST(CApi, AsynchronousOptionHasNoEffectOnTheCpu) {
+  Config sync_config("ear"), async_config("ear");
+  for (const Config* config : {&sync_config, &async_config}) {
+    ASSERT_EQ(svgear_config_set(config->handle, "clusters_q", "4"), SVGEAR_OK);
+    ASSERT_EQ(svgear_config_set(config->handle, "clusters_k", "4"), SVGEAR_OK);
+  }
+  ASSERT_EQ(svgear_config_set(async_config.handle, "synchronize", "false"), SVGEAR_OK);
+  svgear_state *sync_state = nullptr, *async_state = nullptr;
+  ASSERT_EQ(svgear_state_create(&sync_state), SVGEAR_OK);
+  ASSERT_EQ(svgear_state_create(&async_state), SVGEAR_OK);
+  Tensor q({1, 2, 64, 8}), k({1, 2, 64, 8}, 1), v({1, 2, 64, 8}, 2), sync_out({1, 2, 64, 8}), async_out({1, 2, 64, 8});
+  for (int call = 0; call < 2; ++call) {  // cold, then warm
+    svgear_report sync_report{}, async_report{};
+    ASSERT_EQ(svgear_attention(sync_config.handle, sync_state, &q.dl, &k.dl, &v.dl, &sync_out.dl, nullptr,
+                               SVGEAR_LAYOUT_BHSD, nullptr, &sync_report),
+              SVGEAR_OK)
+        << svgear_last_error();
+    ASSERT_EQ(svgear_attention(async_config.handle, async_state, &q.dl, &k.dl, &v.dl, &async_out.dl, nullptr,
+                               SVGEAR_LAYOUT_BHSD, nullptr, &async_report),
+              SVGEAR_OK)
+        << svgear_last_error();
+    EXPECT_EQ(async_out.data, sync_out.data) << "call " << call;
+    EXPECT_EQ(async_report.complete, 1);
+    EXPECT_EQ(async_report.density, sync_report.density);
+    EXPECT_EQ(async_report.exact_pairs, sync_report.exact_pairs);
+    EXPECT_EQ(async_report.warm_started, call);
+    EXPECT_EQ(svgear_state_synchronize(async_state), SVGEAR_OK);
+  }
+  Tensor stateless_out({1, 2, 64, 8});
+  EXPECT_EQ(run(async_config, q, k, v, stateless_out), SVGEAR_OK) << svgear_last_error();  // no state needed
+  q.data[5] = NAN;
+  EXPECT_EQ(svgear_attention(async_config.handle, async_state, &q.dl, &k.dl, &v.dl, &async_out.dl, nullptr,
+                             SVGEAR_LAYOUT_BHSD, nullptr, nullptr),
+            SVGEAR_ERROR_VALUE);
+  EXPECT_NE(std::string(svgear_last_error()).find("non-finite"), std::string::npos) << svgear_last_error();
+  EXPECT_EQ(std::string(svgear_last_error()).find("earlier"), std::string::npos) << svgear_last_error();
+  EXPECT_EQ(svgear_state_synchronize(async_state), SVGEAR_OK);
+  EXPECT_EQ(svgear_state_synchronize(nullptr), SVGEAR_ERROR_VALUE);
+  svgear_state_destroy(sync_state);
+  svgear_state_destroy(async_state);
+}
+
 TEST(CApi, LastErrorIsPerThread) {
   Config config("ear");
   EXPECT_EQ(svgear_config_set(config.handle, "nope", "1"), SVGEAR_ERROR_VALUE);

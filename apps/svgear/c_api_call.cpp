@@ -35,6 +35,7 @@ std::vector<std::pair<std::string, std::string>> options_of(const MethodConfig& 
       {"probe_queries", std::to_string(config.probe_queries)},
       {"init", config.kmeans_init == KmeansInit::strided ? "strided" : "kmeans++"},
       {"seed", std::to_string(config.seed)},
+      {"synchronize", config.synchronize ? "true" : "false"},
   };
 }
 
@@ -90,6 +91,7 @@ AttentionReport attention_through_c_api(const TensorView& q, const TensorView& k
   result.selected_blocks = report.selected_blocks;
   result.total_blocks = report.total_blocks;
   result.warm_started = report.warm_started != 0;
+  result.complete = report.complete != 0;
   result.times = {report.check_ms, report.cluster_ms, report.permute_ms, report.score_ms,
                   report.select_ms, report.attend_ms, report.total_ms};
   return result;

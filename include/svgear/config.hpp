@@ -55,6 +55,13 @@ struct MethodConfig {
   KmeansInit kmeans_init = KmeansInit::kmeans_plus_plus;
   int probe_queries = 4;            // EAR probe: sampled queries per query cluster
   std::uint64_t seed = 0;
+
+  // How the CUDA path returns (no effect on the CPU path). true: it synchronizes the stream once
+  // at the end, raises a non-finite input at once and fills the whole report. false: nothing
+  // blocks the host, so it can queue the next layer while this one runs; needs a LayerState,
+  // which keeps the input check until the state's next call or svgear::synchronize(state)
+  // raises it, and the report is partial (AttentionReport::complete).
+  bool synchronize = true;
 };
 
 // The published configuration of a method, with svgear's default hyperparameters.

@@ -6,6 +6,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 namespace svgear {
@@ -19,9 +20,19 @@ struct LayerState {
   std::vector<float> k_centroids;  // [B*H][clusters_k][D]
   // The CUDA path keeps its centroids on the device instead (opaque; freed with the state).
   std::shared_ptr<void> device_centroids;
+  // The CUDA path's deferred input check (opaque): where an asynchronous call
+  // (MethodConfig::synchronize = false) leaves its NaN/Inf count for the next call or
+  // svgear::synchronize to read.
+  std::shared_ptr<void> deferred_check;
 
   bool has_centroids() const { return !q_centroids.empty() || device_centroids != nullptr; }
-  void reset() { *this = LayerState{}; }
+  // Forgets the centroids and the step count, not the deferred check: an error of an earlier
+  // asynchronous call still surfaces.
+  void reset() {
+    std::shared_ptr<void> check = std::move(deferred_check);
+    *this = LayerState{};
+    deferred_check = std::move(check);
+  }
 };
 
 }  // namespace svgear

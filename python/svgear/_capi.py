@@ -11,7 +11,7 @@ import pathlib
 from ._errors import BY_STATUS, SvgearRuntimeError
 from ._dlpack import DLTensor
 
-C_API_VERSION = 1
+C_API_VERSION = 2
 LAYOUTS = {"bhsd": 0, "bshd": 1}
 
 
@@ -29,6 +29,7 @@ class Report(ctypes.Structure):
         ("select_ms", ctypes.c_double),
         ("attend_ms", ctypes.c_double),
         ("total_ms", ctypes.c_double),
+        ("complete", ctypes.c_int32),  # 0: an asynchronous call's partial report (NaN / -1 where unknown)
     ]
 
     def as_dict(self):
@@ -87,6 +88,7 @@ def _bind(lib):
         "svgear_config_destroy": (None, [handle]),
         "svgear_state_create": (c.c_int, [c.POINTER(handle)]),
         "svgear_state_reset": (c.c_int, [handle]),
+        "svgear_state_synchronize": (c.c_int, [handle]),
         "svgear_state_steps": (c.c_int64, [handle]),
         "svgear_state_destroy": (None, [handle]),
         "svgear_attention": (

@@ -153,13 +153,21 @@ svgear_status svgear_state_reset(svgear_state* state) {
   });
 }
 
+svgear_status svgear_state_synchronize(svgear_state* state) {
+  return guarded([&] {
+    require_handle(state, "state");
+    svgear::synchronize(state->state);
+  });
+}
+
 int64_t svgear_state_steps(const svgear_state* state) { return state == nullptr ? 0 : state->state.steps; }
 
 void svgear_state_destroy(svgear_state* state) {
 #ifdef SVGEAR_HAS_CUDA
-  // Device centroids are freed by the state's deleter; a sticky error from it must not leak
-  // into the caller's next CUDA call.
-  const bool on_device = state != nullptr && state->state.device_centroids != nullptr;
+  // Device centroids and the deferred check are freed by the state's deleters; a sticky error
+  // from them must not leak into the caller's next CUDA call.
+  const bool on_device = state != nullptr && (state->state.device_centroids != nullptr ||
+                                              state->state.deferred_check != nullptr);
   delete state;
   if (on_device) cudaGetLastError();  // never touch CUDA (and create a context) for CPU states
 #else
@@ -227,6 +235,7 @@ svgear_status svgear_attention(const svgear_config* config, svgear_state* state,
       report->select_ms = result.times.select_ms;
       report->attend_ms = result.times.attend_ms;
       report->total_ms = result.times.total_ms;
+      report->complete = result.complete ? 1 : 0;
     }
   });
 }

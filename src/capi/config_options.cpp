@@ -41,6 +41,12 @@ int parse_int(std::string_view key, std::string_view text) {
   return int(value);
 }
 
+bool parse_bool(std::string_view key, std::string_view text) {
+  if (text == "true" || text == "1") return true;
+  if (text == "false" || text == "0") return false;
+  throw Error("option " + std::string(key) + " = " + quoted(text) + ": choose true or false");
+}
+
 KmeansInit parse_init(std::string_view text) {
   if (text == "kmeans++") return KmeansInit::kmeans_plus_plus;
   if (text == "strided") return KmeansInit::strided;
@@ -76,6 +82,7 @@ const std::map<std::string, Setter, std::less<>>& setters() {
       {"budget_scope", [](MethodConfig& c, auto, auto v) { c.budget_scope = parse_budget_scope(v); }},
       {"policy", [](MethodConfig& c, auto, auto v) { c.policy = parse_policy(v); }},
       {"compensation", [](MethodConfig& c, auto, auto v) { c.compensation = parse_compensation(v); }},
+      {"synchronize", [](MethodConfig& c, auto key, auto v) { c.synchronize = parse_bool(key, v); }},
   };
   return table;
 }
@@ -109,6 +116,7 @@ std::string describe(const MethodConfig& config) {
       {"probe_queries", config.probe_queries},
       {"init", config.kmeans_init == KmeansInit::strided ? "strided" : "kmeans++"},
       {"seed", config.seed},
+      {"synchronize", config.synchronize},
   };
   return json.dump();
 }

@@ -59,6 +59,14 @@ bool state_matches(const LayerState* state, const std::array<std::int64_t, 5>& s
 
 }  // namespace
 
+void synchronize(LayerState& state) {
+#ifdef SVGEAR_HAS_CUDA
+  cuda::synchronize(state);
+#else
+  (void)state;  // only the CUDA path defers anything
+#endif
+}
+
 void dense_attention(const TensorView& q, const TensorView& k, const TensorView& v,
                      const TensorView& out, const TensorView* lse) {
   validate_attention_inputs(q, k, v, out, preset(Method::dense), lse);
@@ -123,6 +131,7 @@ std::vector<BlockSelection> select_blocks(const std::vector<HeadPlan>& plans, co
 AttentionReport attention(const TensorView& q, const TensorView& k, const TensorView& v,
                           const TensorView& out, const MethodConfig& config, LayerState* state, void* stream,
                           const TensorView* lse) {
+  if (state != nullptr) synchronize(*state);  // an earlier asynchronous call's error comes first
   if (q.device == Device::cuda) {
 #ifdef SVGEAR_HAS_CUDA
     return cuda::attention(q, k, v, out, config, state, stream, nullptr, lse);

@@ -1,16 +1,17 @@
 // The CUDA pipeline: validation at the boundary, then the stages of src/cuda/stages.hpp and the
 // attention kernel on the caller's stream, timed with CUDA events, with one synchronization at
-// the end for the report.
+// the end for the report; or, asynchronously, none: the input check is deferred to the state.
 #include "cuda/attention_cuda.hpp"
 
 #include <cuda_runtime.h>
 
 #include <array>
-#include <cstring>
+#include <cmath>
 #include <string>
 
 #include "core/validation.hpp"
 #include "cuda/cuda_check.hpp"
+#include "cuda/deferred_check.hpp"
 #include "cuda/device_buffer.hpp"
 #include "cuda/finite_check.hpp"
 #include "cuda/sparse_attention.hpp"
@@ -76,16 +77,25 @@ DeviceHeads heads_of(const TensorView& t) {
   return h;
 }
 
-// Events around each stage; read once after the final synchronization.
+// Events around each stage; read once after the final synchronization. A disabled timer (an
+// asynchronous call: nothing would read the events) records nothing.
 class StageTimer {
  public:
-  explicit StageTimer(cudaStream_t stream) : stream_(stream) {
+  StageTimer(cudaStream_t stream, bool enabled) : stream_(stream) {
+    if (!enabled) return;
     for (cudaEvent_t& e : events_) check_cuda(cudaEventCreate(&e), "cudaEventCreate");
   }
   ~StageTimer() {
-    for (cudaEvent_t e : events_) cudaEventDestroy(e);
+    for (cudaEvent_t e : events_) {
+      if (e != nullptr) cudaEventDestroy(e);
+    }
   }
-  void mark(int index) { check_cuda(cudaEventRecord(events_[std::size_t(index)], stream_), "cudaEventRecord"); }
+  StageTimer(const StageTimer&) = delete;
+  StageTimer& operator=(const StageTimer&) = delete;
+  void mark(int index) {
+    const cudaEvent_t event = events_[std::size_t(index)];
+    if (event != nullptr) check_cuda(cudaEventRecord(event, stream_), "cudaEventRecord");
+  }
   double ms(int from, int to) const {
     float value = 0;
     check_cuda(cudaEventElapsedTime(&value, events_[std::size_t(from)], events_[std::size_t(to)]), "cudaEventElapsedTime");
@@ -135,12 +145,70 @@ std::vector<T> to_host(const T* device, std::size_t count, cudaStream_t stream) 
   return host;
 }
 
+// The call's centroids become the state's, for the next step's warm start.
+void keep_centroids(LayerState& state, const std::array<std::int64_t, 5>& signature,
+                    std::shared_ptr<DeviceCentroids> cache) {
+  state.signature = signature;
+  state.device_centroids = std::move(cache);
+  state.q_centroids.clear();
+  state.k_centroids.clear();
+  ++state.steps;
+}
+
+// Centroids refined from inputs that turned out non-finite would poison every later warm start.
+void forget_centroids(LayerState& state) {
+  state.device_centroids.reset();
+  state.signature = {};
+}
+
+// The state's landing place for the counters of an asynchronous call, on the current device.
+DeferredCheck& deferred_check_of(LayerState& state) {
+  auto check = std::static_pointer_cast<DeferredCheck>(state.deferred_check);
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  if (check == nullptr || check->device() != device) {
+    check = std::make_shared<DeferredCheck>();
+    state.deferred_check = check;
+  }
+  return *check;
+}
+
+// What an asynchronous call knows on the host (AttentionReport's sentinels for the rest).
+AttentionReport partial_report(bool warm_started, std::int64_t total_blocks) {
+  AttentionReport report;
+  report.complete = false;
+  report.warm_started = warm_started;
+  report.total_blocks = total_blocks;
+  report.exact_pairs = report.selected_blocks = -1;
+  report.density = NAN;
+  report.times = StageTimes{NAN, NAN, NAN, NAN, NAN, NAN, NAN};
+  return report;
+}
+
 }  // namespace
+
+void synchronize(LayerState& state) {
+  const auto check = std::static_pointer_cast<DeferredCheck>(state.deferred_check);
+  if (check == nullptr || !check->pending()) return;
+  try {
+    check->wait_and_raise();
+  } catch (...) {
+    forget_centroids(state);
+    throw;
+  }
+}
 
 AttentionReport attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                           const MethodConfig& config, LayerState* state, void* stream_handle, PlanExport* plan,
                           const TensorView* lse) {
+  if (state != nullptr) cuda::synchronize(*state);  // an earlier asynchronous call's error comes first
   validate_attention_inputs(q, k, v, out, config, lse);
+  // A plan export reads the plan back, so it synchronizes whatever the config says.
+  const bool synchronous = config.synchronize || plan != nullptr;
+  if (!synchronous && state == nullptr) {
+    throw Error("synchronize = false needs a LayerState: it keeps the check of the inputs for NaN/Inf until "
+                "the state's next call or svgear_state_synchronize; pass a state or keep synchronize = true");
+  }
   check_cuda_view(q, "q", q.dtype);
   check_cuda_view(k, "k", q.dtype);
   check_cuda_view(v, "v", q.dtype);
@@ -152,13 +220,14 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
   const int d = int(q.head_dim());
 
   AttentionReport report;
-  StageTimer timer(stream);
+  StageTimer timer(stream, synchronous);
   timer.mark(0);
-  DeviceBuffer<std::int64_t> counters(2 + std::size_t(bh), stream);  // non-finite count, error flags, exact pairs
+  // The call's counters (deferred_check.hpp), then the exact pairs of each head.
+  DeviceBuffer<std::int64_t> counters(kCallCounters + std::size_t(bh), stream);
   check_cuda(cudaMemsetAsync(counters.get(), 0, counters.size() * sizeof(std::int64_t), stream), "cudaMemsetAsync");
   std::int64_t* non_finite = counters.get();
   auto* error_flags = reinterpret_cast<std::int32_t*>(counters.get() + 1);
-  std::int64_t* exact_pairs = counters.get() + 2;
+  std::int64_t* exact_pairs = counters.get() + kCallCounters;
   count_non_finite(qh, non_finite, stream);
   count_non_finite(kh, non_finite, stream);
   count_non_finite(vh, non_finite, stream);
@@ -182,6 +251,7 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
 
   const bool dense = config.policy == SelectionPolicyKind::all_blocks && config.compensation == Compensation::drop;
   const int cq = dense ? 1 : config.clusters_q, ck = dense ? 1 : config.clusters_k;
+  const std::array<std::int64_t, 5> signature{q.batch(), q.heads(), d, cq, ck};  // of the state's centroids
   DeviceBuffer<float> value_means, scores;
   DeviceBuffer<std::int32_t> q_labels, k_labels, q_counts, k_counts, q_order, k_order, q_offsets, k_offsets;
   DeviceBuffer<std::int32_t> selected_offsets, selected_clusters, compensated_offsets, compensated_clusters, tiles;
@@ -193,7 +263,6 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
     timer.mark(4);
   } else {
     // Cluster, warm-started from the state's device centroids when they fit this call.
-    const std::array<std::int64_t, 5> signature{q.batch(), q.heads(), d, cq, ck};
     report.warm_started = state != nullptr && state->device_centroids != nullptr && state->signature == signature;
     if (report.warm_started) {
       cache = std::static_pointer_cast<DeviceCentroids>(state->device_centroids);
@@ -290,6 +359,15 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
   sparse_attention(problem, stream);
   timer.mark(5);
 
+  if (!synchronous) {
+    // Nothing blocks: the input check lands in the state's pinned memory, read by its next call
+    // (which waited for the previous copy above, so the memory is free). The scratch buffers
+    // go back to the pool in stream order, behind this work.
+    deferred_check_of(*state).enqueue(counters.get(), stream);
+    if (!dense) keep_centroids(*state, signature, std::move(cache));
+    return partial_report(report.warm_started, dense ? 0 : bh * cq * ck);
+  }
+
   // The one synchronization: counters for the report and the input check.
   const std::vector<std::int64_t> host_counters = to_host(counters.get(), counters.size(), stream);
   std::int32_t selected_blocks = 0;  // the CSR's last offset
@@ -309,13 +387,12 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
   }
   timer.mark(6);
   check_cuda(cudaStreamSynchronize(stream), "the svgear attention pipeline");
-  if (host_counters[0] != 0) {
-    throw Error("q, k or v holds " + std::to_string(host_counters[0]) +
-                " non-finite values (NaN or Inf): svgear needs finite inputs; the output is not valid");
+  try {
+    raise_call_errors(host_counters.data(), false);
+  } catch (const Error&) {
+    if (report.warm_started) forget_centroids(*state);  // refined in place from these inputs
+    throw;
   }
-  std::int32_t flags = 0;
-  std::memcpy(&flags, &host_counters[1], sizeof flags);
-  if (flags != 0) throw Error("internal error: the attention kernel reported flags " + std::to_string(flags));
 
   report.times.check_ms = timer.ms(0, 1);
   report.times.cluster_ms = timer.ms(1, 2);
@@ -326,18 +403,12 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
   if (dense) {
     report.exact_pairs = bh * sq * sk;
   } else {
-    for (std::int64_t h = 0; h < bh; ++h) report.exact_pairs += host_counters[std::size_t(2 + h)];
+    for (std::int64_t h = 0; h < bh; ++h) report.exact_pairs += host_counters[std::size_t(kCallCounters + h)];
     report.total_blocks = bh * cq * ck;
     report.selected_blocks = selected_blocks;
   }
   report.density = double(report.exact_pairs) / (double(bh) * double(sq) * double(sk));
-  if (state != nullptr && !dense) {
-    state->signature = {q.batch(), q.heads(), d, cq, ck};
-    state->device_centroids = cache;
-    state->q_centroids.clear();
-    state->k_centroids.clear();
-    ++state->steps;
-  }
+  if (state != nullptr && !dense) keep_centroids(*state, signature, std::move(cache));
   return report;
 }
 

@@ -19,7 +19,10 @@ struct PlanExport {
 
 // q, k, v, out: CUDA tensors, bf16 or f16 (all the same), D = 64 or 128, contiguous last axis,
 // 16-byte aligned rows. Stage times come from CUDA events. Synchronizes `stream` once at the
-// end, to read the exact-pair counts (the report's density) and the non-finite-input count.
+// end, to read the exact-pair counts (the report's density) and the non-finite-input count;
+// with config.synchronize = false (and a state) nothing blocks the host: no event timing, no
+// read back, the non-finite count is copied into the state's pinned memory (DeferredCheck) and
+// the report is partial. A `plan` export reads the plan back, so it always synchronizes.
 // Cold-start k-means uses the strided initialisation (k-means++ is sequential; on the GPU a
 // cold start happens once per layer and warm starts follow). `lse`: the optional log-sum-exp
 // output of svgear::attention (F32 [B, H, Sq, 1] in device memory, 4-byte aligned), written by
@@ -27,5 +30,9 @@ struct PlanExport {
 AttentionReport attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                           const MethodConfig& config, LayerState* state, void* stream,
                           PlanExport* plan = nullptr, const TensorView* lse = nullptr);
+
+// svgear::synchronize for the CUDA path: waits for the state's last asynchronous call and raises
+// its deferred error (then drops the state's centroids).
+void synchronize(LayerState& state);
 
 }  // namespace svgear::cuda

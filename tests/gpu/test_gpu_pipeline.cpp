@@ -5,7 +5,12 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <functional>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "cuda/cuda_check.hpp"
@@ -96,6 +101,54 @@ struct DeviceLse {
     cuda::check_cuda(cudaMemcpy(host.data(), data, bytes(), cudaMemcpyDeviceToHost), "memcpy");
     return host;
   }
+};
+
+// The svgear::Error `call` throws, as its message ("" and a failure when it throws none).
+std::string error_of(const std::function<void()>& call) {
+  try {
+    call();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "no svgear::Error";
+  return "";
+}
+
+bool all_finite(const HostTensor& t) {
+  for (std::int64_t i = 0; i < t.numel(); ++i) {
+    if (!std::isfinite(t.at(i))) return false;
+  }
+  return true;
+}
+
+MethodConfig asynchronous(MethodConfig config) {
+  config.synchronize = false;
+  return config;
+}
+
+// A host function that holds a stream until open() (or 10 s, then timed_out()): what an
+// asynchronous call queued behind it may not wait for.
+class StreamGate {
+ public:
+  explicit StreamGate(cudaStream_t stream) {
+    cuda::check_cuda(cudaLaunchHostFunc(stream, &StreamGate::hold, this), "cudaLaunchHostFunc");
+  }
+  void open() { open_ = true; }
+  bool timed_out() const { return timed_out_; }
+
+ private:
+  static void CUDART_CB hold(void* self) {
+    auto* gate = static_cast<StreamGate*>(self);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (!gate->open_) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        gate->timed_out_ = true;
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }
+  std::atomic<bool> open_{false}, timed_out_{false};
 };
 
 // max |a - b| over rows; NaN or Inf in `a` gives infinity.
@@ -301,4 +354,116 @@ TEST(GpuPipeline, RejectsABadLseOutput) {
   TensorView on_cpu = lse.view;
   on_cpu.device = Device::cpu;
   expect_error(on_cpu, "different devices");
+}
+
+// synchronize = false changes when the call returns, not what it computes: every method's
+// output and lse equal a synchronous run's bytes, cold and warm; the report is the partial one.
+TEST(GpuPipeline, AsynchronousCallsMatchSynchronousOnesBitForBit) {
+  Gpu gpu(small_workload(64));
+  for (Method method : {Method::dense, Method::svg2, Method::ear}) {
+    MethodConfig config = preset(method);
+    if (method != Method::dense) config.density = 0.2;
+    LayerState sync_state, async_state;
+    for (int call = 0; call < 3; ++call) {  // a cold start, then warm starts
+      const std::string where = method_name(method) + " call " + std::to_string(call);
+      DeviceLse sync_lse(gpu.host[0].shape), async_lse(gpu.host[0].shape);
+      AttentionReport sync_report, async_report;
+      const HostTensor sync_out = gpu.run(config, &sync_report, &sync_state, &sync_lse.view);
+      const HostTensor async_out = gpu.run(asynchronous(config), &async_report, &async_state, &async_lse.view);
+      EXPECT_EQ(async_out.bytes, sync_out.bytes) << where;
+      EXPECT_EQ(async_lse.download(), sync_lse.download()) << where;
+      EXPECT_TRUE(sync_report.complete) << where;
+      EXPECT_FALSE(async_report.complete) << where;
+      EXPECT_TRUE(std::isnan(async_report.density)) << where;
+      EXPECT_EQ(async_report.exact_pairs, -1) << where;
+      EXPECT_EQ(async_report.selected_blocks, -1) << where;
+      EXPECT_TRUE(std::isnan(async_report.times.check_ms) && std::isnan(async_report.times.attend_ms) &&
+                  std::isnan(async_report.times.total_ms))
+          << where;
+      EXPECT_EQ(async_report.total_blocks, sync_report.total_blocks) << where;
+      EXPECT_EQ(async_report.warm_started, sync_report.warm_started) << where;
+      EXPECT_EQ(async_report.warm_started, method != Method::dense && call > 0) << where;
+    }
+    EXPECT_NO_THROW(synchronize(async_state));
+    EXPECT_EQ(async_state.steps, sync_state.steps);
+  }
+}
+
+// An asynchronous call cannot raise a NaN/Inf input itself: the state's next call raises it
+// (and does nothing else), or svgear::synchronize does; once, and the state starts cold again.
+TEST(GpuPipeline, AsynchronousNonFiniteInputIsRaisedLaterOnce) {
+  SafetensorsFile file = small_workload(64);
+  Gpu clean(file);
+  file.tensors["k"].set(123, INFINITY);
+  Gpu poisoned(file);
+  const MethodConfig config = asynchronous(preset(Method::ear));
+  LayerState state;
+  clean.run(config, nullptr, &state);
+  AttentionReport report;
+  EXPECT_NO_THROW(poisoned.run(config, &report, &state));
+  EXPECT_FALSE(report.complete);
+  EXPECT_TRUE(report.warm_started);
+  EXPECT_EQ(state.steps, 2);
+
+  const std::string deferred = error_of([&] { clean.run(config, nullptr, &state); });
+  EXPECT_NE(deferred.find("earlier asynchronous call"), std::string::npos) << deferred;
+  EXPECT_NE(deferred.find("1 non-finite"), std::string::npos) << deferred;
+  EXPECT_EQ(state.steps, 2) << "the call that raised the deferred error ran";
+  const HostTensor& out = clean.run(config, &report, &state);
+  EXPECT_FALSE(report.warm_started) << "centroids refined from the Inf input were kept";
+  EXPECT_NO_THROW(synchronize(state));
+  EXPECT_TRUE(all_finite(out));
+
+  poisoned.run(config, nullptr, &state);
+  const std::string raised = error_of([&] { synchronize(state); });
+  EXPECT_NE(raised.find("earlier asynchronous call"), std::string::npos) << raised;
+  EXPECT_NO_THROW(synchronize(state));  // raised once
+  EXPECT_NO_THROW(clean.run(config, nullptr, &state));
+  EXPECT_NO_THROW(synchronize(state));
+}
+
+// A synchronous call that finds non-finite inputs has already refined the state's centroids
+// from them in place: it must not leave them for the next warm start.
+TEST(GpuPipeline, NonFiniteInputLeavesTheStateCold) {
+  SafetensorsFile file = small_workload(64);
+  Gpu clean(file);
+  file.tensors["v"].set(77, std::nanf(""));
+  Gpu poisoned(file);
+  LayerState state;
+  AttentionReport report;
+  clean.run(preset(Method::ear), nullptr, &state);
+  const std::string message = error_of([&] { poisoned.run(preset(Method::ear), nullptr, &state); });
+  EXPECT_NE(message.find("non-finite"), std::string::npos) << message;
+  EXPECT_EQ(message.find("earlier"), std::string::npos) << message;
+  const HostTensor& out = clean.run(preset(Method::ear), &report, &state);
+  EXPECT_FALSE(report.warm_started);
+  EXPECT_TRUE(all_finite(out));
+}
+
+TEST(GpuPipeline, AsynchronousCallNeedsAState) {
+  Gpu gpu(small_workload(64));
+  const std::string message = error_of([&] { gpu.run(asynchronous(preset(Method::ear))); });
+  EXPECT_NE(message.find("needs a LayerState"), std::string::npos) << message;
+}
+
+// The point of the mode: a warm asynchronous call returns while the stream is still busy with
+// earlier work (here a host function holding it), so the host can queue the next layer. Any
+// synchronization inside the call would wait for the gate's 10 s timeout.
+TEST(GpuPipeline, AsynchronousCallDoesNotWaitForTheStream) {
+  Gpu gpu(small_workload(64));
+  cudaStream_t stream = nullptr;
+  cuda::check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+  const MethodConfig config = asynchronous(preset(Method::ear));
+  LayerState state;
+  attention(gpu.view[0], gpu.view[1], gpu.view[2], gpu.view[3], config, &state, stream);  // cold: allocates
+  synchronize(state);
+  StreamGate gate(stream);
+  const AttentionReport report = attention(gpu.view[0], gpu.view[1], gpu.view[2], gpu.view[3], config, &state, stream);
+  EXPECT_FALSE(gate.timed_out()) << "the asynchronous call waited for the stream";
+  gate.open();
+  EXPECT_NO_THROW(synchronize(state));
+  cuda::check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  cuda::check_cuda(cudaStreamDestroy(stream), "cudaStreamDestroy");
+  EXPECT_TRUE(report.warm_started);
+  EXPECT_FALSE(report.complete);
 }
