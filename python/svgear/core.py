@@ -19,13 +19,21 @@ _local = threading.local()
 
 
 def last_report():
-    """What the last svgear.attention call on this thread did: density, blocks, stage times (ms)."""
+    """What the last svgear.attention call on this thread did: density, blocks, stage times (ms).
+
+    After an asynchronous CUDA call (synchronize=False) the GPU has not run yet: "complete" is 0,
+    density and the times are NaN, exact_pairs and selected_blocks -1 (total_blocks and
+    warm_started are valid).
+    """
     return getattr(_local, "report", None)
 
 
 class LayerState:
     """One attention layer's memory across denoising steps (the k-means centroids of its last
-    call, so the next call warm-starts). Use one per layer; reset() between videos."""
+    call, so the next call warm-starts). Use one per layer; reset() between videos.
+
+    It also holds the input check of its last asynchronous CUDA call (synchronize=False):
+    the state's next call, or synchronize(), raises it."""
 
     _ids = itertools.count(1)
     _live = weakref.WeakValueDictionary()  # id -> state, for the torch op (which takes an int)
@@ -45,7 +53,15 @@ class LayerState:
         return int(self._lib.svgear_state_steps(self._handle))
 
     def reset(self):
+        """Forget the centroids: the next call starts cold. A deferred error is kept (synchronize())."""
         _capi.check(self._lib.svgear_state_reset(self._handle))
+
+    def synchronize(self):
+        """Wait for this state's last asynchronous call (synchronize=False) to run on the GPU and
+        raise what it found: ValueError when its q, k or v held NaN/Inf (its output is not valid),
+        RuntimeError when the GPU failed. Each error is raised once; the state then starts cold.
+        Returns at once when nothing is pending (CPU or synchronous calls)."""
+        _capi.check(self._lib.svgear_state_synchronize(self._handle))
 
     @classmethod
     def by_id(cls, state_id):
@@ -89,7 +105,7 @@ _configs_lock = threading.Lock()
 
 def _option_text(value):
     if isinstance(value, bool):
-        raise SvgearTypeError("svgear: boolean options do not exist; pass numbers or names")
+        return "true" if value else "false"  # the library's form (synchronize); numeric options refuse it
     return str(value)  # str(float) is its shortest round-trip text in Python 3
 
 
@@ -290,7 +306,10 @@ def attention(q, k, v, *, method="ear", density=None, layout="bshd", state=None,
     method: "ear" (SVG-EAR), "svg2" or "dense". density: fraction of query-key pairs computed
     exactly (default: the method's, 0.2; dense: 1). state: a svgear.LayerState carried across
     steps. options: clusters_q, clusters_k, kmeans_iters, warm_iters, probe_queries, top_p,
-    min_key_fraction, budget_scope, policy, compensation, init, seed (see `svgear eval --help`).
+    min_key_fraction, budget_scope, policy, compensation, init, seed (see `svgear eval --help`),
+    and synchronize: False makes a CUDA call return without waiting for the GPU (needs `state`,
+    whose next call or state.synchronize() raises a NaN/Inf input; last_report() is partial);
+    no effect on the CPU.
     Returns a new tensor like q (or writes `out`); with return_lse=True, (out, lse) where lse is
     float32 (B, H, Sq): the log of each row's softmax denominator. stream: a CUDA stream handle
     (int); default: torch's current stream for torch tensors, else the legacy default stream.

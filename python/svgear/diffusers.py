@@ -27,6 +27,10 @@ forwards of classifier-free guidance (same timestep) count as one step; a timest
 the previous one (or more steps than `num_inference_steps`) starts a new video, which resets
 the per-layer k-means state. `reset(transformer)` forces a new video.
 
+svgear runs asynchronously on the GPU (the router's default), so its NaN/Inf input checks are
+raised by the router's synchronize(): at each new step, at a new video, after every forward of
+the last step, and by `synchronize(transformer)`.
+
 `capture(transformer, layers, steps, path)` writes the Q/K/V that attention sees (after norm
 and RoPE; video tokens only for HunyuanVideo) as safetensors files in the CLI's format.
 """
@@ -51,6 +55,7 @@ __all__ = [
     "apply",
     "remove",
     "reset",
+    "synchronize",
     "is_applied",
     "step_info",
     "capture",
@@ -276,6 +281,7 @@ class _Controller:
         self.capture: _CaptureSpec | None = None
         self.installed: list[tuple[torch.nn.Module, Any]] = []  # (attention module, original processor)
         self.hook_handle = None
+        self.post_hook_handle = None
         self._mask_cache: dict[int, bool] = {}
         self._warned: set[str] = set()
 
@@ -345,6 +351,13 @@ class _Controller:
         if isinstance(hs, torch.Tensor) and hs.dim() == 5:
             self.grid = _latent_grid(module, hs.shape)
         self._mask_cache.clear()
+        return None
+
+    def post_forward_hook(self, module, args, output):
+        """After each forward of a video's last step: its asynchronous calls' errors surface
+        before the pipeline uses the latents (earlier steps': at the next step's set_step)."""
+        if self.router is not None and self.num_steps is not None and self.step >= self.num_steps - 1:
+            self.router.synchronize()
         return None
 
     # -- per-call decisions ------------------------------------------------------------------
@@ -706,6 +719,7 @@ def _install(transformer, router, num_inference_steps, scheduler, fractional_war
         module.set_processor(processor_cls(original, layer, ctl))
         ctl.installed.append((module, original))
     ctl.hook_handle = transformer.register_forward_pre_hook(ctl.pre_forward_hook, with_kwargs=True)
+    ctl.post_hook_handle = transformer.register_forward_hook(ctl.post_forward_hook)
     _CONTROLLERS[transformer] = ctl
     return ctl
 
@@ -740,7 +754,8 @@ def apply(
         Layers are the transformer blocks in order (HunyuanVideo: double-stream, then single-stream).
     options: passed to `svgear.AttentionRouter` / `svgear.torch.attention` (density,
         clusters_q, clusters_k, kmeans_iters, warm_iters, probe_queries, top_p,
-        min_key_fraction, budget_scope, policy, compensation, seed, init).
+        min_key_fraction, budget_scope, policy, compensation, seed, init) and synchronize (the
+        router's; default False: asynchronous CUDA calls, errors raised by the step hooks).
 
     Applying again replaces the previous configuration. Returns the `svgear.AttentionRouter`
     (one `LayerState` per block).
@@ -779,9 +794,10 @@ def remove(transformer) -> None:
     for module, original in ctl.installed:
         module.set_processor(original)
     ctl.installed.clear()
-    if ctl.hook_handle is not None:
-        ctl.hook_handle.remove()
-        ctl.hook_handle = None
+    for handle in (ctl.hook_handle, ctl.post_hook_handle):
+        if handle is not None:
+            handle.remove()
+    ctl.hook_handle = ctl.post_hook_handle = None
     ctl.capture = None
 
 
@@ -799,6 +815,17 @@ def reset(transformer) -> None:
     ctl.pass_index = 0
     if ctl.router is not None:
         ctl.router.reset()
+
+
+def synchronize(transformer) -> None:
+    """Wait for svgear's asynchronous work in this transformer and raise its first deferred error
+    (ValueError for NaN/Inf attention inputs, naming the layer). The step hook already calls it
+    at each new step and after the last step's forwards; call it after a loop that ends early."""
+    ctl = _CONTROLLERS.get(_unwrap(transformer))
+    if ctl is None:
+        raise ValueError("svgear.diffusers.synchronize: svgear is not applied to this transformer")
+    if ctl.router is not None:
+        ctl.router.synchronize()
 
 
 def step_info(transformer) -> StepInfo:

@@ -127,6 +127,57 @@ def test_router_warm_up_runs_dense_then_sparse():
     assert lse.shape == (1, 3, 200)
 
 
+def test_synchronize_option_has_no_effect_on_the_cpu():
+    q, k, v = random_qkv()
+    sync_state, async_state = svgear.LayerState(), svgear.LayerState()
+    for call in range(2):  # cold, then warm
+        expected = svgear.attention(q, k, v, density=0.3, layout="bhsd", state=sync_state, **SMALL)
+        out = svgear.attention(q, k, v, density=0.3, layout="bhsd", state=async_state, synchronize=False, **SMALL)
+        report = svgear.last_report()
+        assert np.array_equal(out, expected)
+        assert report["complete"] == 1 and 0.3 <= report["density"] < 1 and report["warm_started"] == call
+    async_state.synchronize()  # nothing pending
+    svgear.attention(q, k, v, layout="bhsd", synchronize=False, **SMALL)  # no state needed on the CPU
+    nan_q = q.copy()
+    nan_q[0, 1, 5, 2] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):  # raised by the call itself
+        svgear.attention(nan_q, k, v, layout="bhsd", state=async_state, synchronize=False, **SMALL)
+    assert svgear.describe("ear")["synchronize"] is True
+    assert svgear.describe("ear", synchronize=False)["synchronize"] is False
+    with pytest.raises(ValueError, match="true or false"):
+        svgear.describe("ear", synchronize="sometimes")
+    with pytest.raises(ValueError, match="not a finite number"):
+        svgear.describe("ear", density=True)
+
+
+def test_router_is_asynchronous_by_default_and_synchronizes_its_states(monkeypatch):
+    assert "synchronize=false" in svgear.AttentionRouter("ear", density=0.3).key
+    assert "synchronize=true" in svgear.AttentionRouter("ear", density=0.3, synchronize=True).key
+    q, k, v = (torch.from_numpy(x).transpose(1, 2) for x in random_qkv())
+    router = svgear.AttentionRouter("ear", density=0.3, warmup_steps=0, **SMALL)
+    router(0, q, k, v)
+    router(1, q, k, v)
+    synchronized = []
+    failing = {router.state(1).id}
+
+    def synchronize(state):
+        synchronized.append(state.id)
+        if state.id in failing:
+            raise svgear.SvgearValueError("deferred trouble")
+
+    monkeypatch.setattr(svgear.LayerState, "synchronize", synchronize)
+    states = sorted(router.state(layer).id for layer in (0, 1))
+    router.set_step(0)  # the same step: nothing to wait for
+    assert synchronized == []
+    with pytest.raises(ValueError, match="layer 1: deferred trouble"):
+        router.set_step(1)  # a new step raises the last one's errors, after checking every layer
+    assert sorted(synchronized) == states and router.step == 1
+    failing.clear()
+    synchronized.clear()
+    router.reset()
+    assert sorted(synchronized) == states and router.state(0).steps == 0
+
+
 def test_router_fraction_needs_num_steps():
     router = svgear.AttentionRouter("ear", density=0.3, warmup_steps=0.2)
     with pytest.raises(ValueError, match="set_step"):

@@ -193,9 +193,13 @@ class _StubRouter:
     def __init__(self):
         self.resets = 0
         self.steps = []
+        self.synchronized = 0
 
     def reset(self):
         self.resets += 1
+
+    def synchronize(self):
+        self.synchronized += 1
 
     def set_step(self, step, num_steps):
         self.steps.append((step, num_steps))
@@ -224,6 +228,18 @@ def test_step_counter_cfg_new_video_and_overrun():
     with pytest.warns(RuntimeWarning, match="more denoising steps"):
         ctl.observe_timestep(400.0)
     assert ctl.step == 0 and router.resets == 3
+
+
+def test_forwards_of_the_last_step_synchronize_the_router():
+    router = _StubRouter()
+    module = torch.nn.Linear(1, 1)
+    ctl = sd._Controller(module, "wan", router, 2, None, 2)
+    for t, synchronized in [(999.0, 0), (999.0, 0), (500.0, 1), (500.0, 2)]:  # 2 steps x CFG
+        ctl.pre_forward_hook(module, (None, torch.tensor([t])), {})
+        ctl.post_forward_hook(module, (), None)
+        assert router.synchronized == synchronized, t
+    with pytest.raises(ValueError, match="not applied"):
+        sd.synchronize(torch.nn.Linear(1, 1))
 
 
 def test_step_counter_needs_num_steps_for_fractional_warmup():
@@ -358,6 +374,7 @@ def test_apply_and_remove_restore_the_original_processors(kind):
     model, forward, _ = MODELS[kind]()
     before = dict(model.attn_processors)
     hooks_before = list(model._forward_pre_hooks)
+    post_hooks_before = list(model._forward_hooks)
     self_attn = _self_attention_names(kind, before)
     assert self_attn and len(self_attn) < len(before)  # cross-attention / token refiner exist too
     router = sd.apply(model, "ear", density=0.3, num_inference_steps=4, **SMALL)
@@ -374,6 +391,7 @@ def test_apply_and_remove_restore_the_original_processors(kind):
     after = model.attn_processors
     assert all(after[name] is before[name] for name in before)
     assert list(model._forward_pre_hooks) == hooks_before
+    assert list(model._forward_hooks) == post_hooks_before
     assert not sd.is_applied(model)
     sd.remove(model)  # no-op
 
@@ -452,6 +470,31 @@ def test_warmup_layers_stay_dense():
     forward(999.0)
     assert router.is_dense(0) and not router.is_dense(1)
     sd.remove(model)
+
+
+@needs_model
+def test_nan_attention_inputs_are_raised_by_the_step_hooks():
+    """svgear runs asynchronously on CUDA: a NaN query surfaces at the next step's hook, and in
+    the last step at the end of the forward, never silently."""
+    model, forward, _ = MODELS["wan"]()
+    sd.apply(model, "ear", density=0.3, num_inference_steps=2, warmup_steps=0, **SMALL)
+    to_q = model.blocks[1].attn1.to_q
+    poison = to_q.register_forward_hook(lambda module, args, out: torch.full_like(out, float("nan")))
+    try:
+        if DEVICE == "cuda":
+            forward(999.0)  # step 0 of 2: the deferred check is not read yet
+            poison.remove()
+            with pytest.raises(ValueError, match="layer 1: .*non-finite"):
+                forward(500.0)  # step 1's pre-hook raises step 0's error
+            poison = to_q.register_forward_hook(lambda module, args, out: torch.full_like(out, float("nan")))
+            with pytest.raises(ValueError, match="layer 1: .*non-finite"):
+                forward(500.0)  # the last step: raised after its forward
+        else:
+            with pytest.raises(ValueError, match="non-finite"):
+                forward(999.0)  # the CPU path checks in the call
+    finally:
+        poison.remove()
+        sd.remove(model)
 
 
 @needs_model

@@ -1,5 +1,7 @@
 """The torch operator on the GPU: against SDPA, inside torch.compile, on torch's stream."""
 
+import math
+
 import pytest
 
 import svgear
@@ -87,8 +89,52 @@ def test_runs_on_torchs_current_stream():
     assert torch.equal(out, expected)
 
 
+def test_asynchronous_calls_match_and_raise_nan_later():
+    q, k, v = clustered_qkv(s=2048)
+    options = dict(method="ear", density=0.3, clusters_q=32, clusters_k=64)
+    sync_state, async_state = svgear.LayerState(), svgear.LayerState()
+    for call in range(3):  # cold, then warm
+        expected, expected_lse = st.attention(q, k, v, state=sync_state, return_lse=True, **options)
+        out, lse = st.attention(q, k, v, state=async_state, return_lse=True, synchronize=False, **options)
+        report = svgear.last_report()
+        assert report["complete"] == 0 and math.isnan(report["density"]) and math.isnan(report["total_ms"])
+        assert report["exact_pairs"] == -1 and report["selected_blocks"] == -1
+        assert report["total_blocks"] == 2 * 4 * 32 * 64 and report["warm_started"] == (call > 0)
+        assert torch.equal(out, expected) and torch.equal(lse, expected_lse)
+    async_state.synchronize()
+    bad = q.clone()
+    bad[0, 7, 1, 3] = float("nan")
+    st.attention(bad, k, v, state=async_state, synchronize=False, **options)  # returns before the GPU checks
+    with pytest.raises(ValueError, match="earlier asynchronous call"):
+        st.attention(q, k, v, state=async_state, synchronize=False, **options)
+    st.attention(q, k, v, state=async_state, synchronize=False, **options)
+    assert svgear.last_report()["warm_started"] == 0  # the poisoned centroids were dropped
+    st.attention(bad, k, v, state=async_state, synchronize=False, **options)
+    with pytest.raises(ValueError, match="earlier asynchronous call"):
+        async_state.synchronize()
+    async_state.synchronize()  # raised once
+    with pytest.raises(ValueError, match="needs a LayerState"):
+        st.attention(q, k, v, synchronize=False, **options)
+
+
+def test_router_is_asynchronous_on_cuda_and_raises_at_the_next_step():
+    q, k, v = qkv()
+    router = svgear.AttentionRouter("ear", density=0.3, warmup_steps=0, clusters_q=16, clusters_k=32)
+    router.set_step(0, 2)
+    bad = k.clone()
+    bad[1, 100, 2, 5] = float("inf")
+    router(0, q, k, v)
+    router(1, q, bad, v)  # returns: the check runs on the GPU later
+    assert svgear.last_report()["complete"] == 0
+    with pytest.raises(ValueError, match="layer 1: .*earlier asynchronous call"):
+        router.set_step(1)
+    assert torch.isfinite(router(1, q, k, v)).all()
+    router.synchronize()
+
+
 @pytest.mark.skipif(not st.REGISTERED, reason="torch.library.custom_op needs torch >= 2.4")
-def test_torch_compile_keeps_one_graph():
+@pytest.mark.parametrize("synchronize", [True, False])
+def test_torch_compile_keeps_one_graph(synchronize):
     class Block(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -98,7 +144,8 @@ def test_torch_compile_keeps_one_graph():
         def forward(self, x):
             b, s, _ = x.shape
             q = self.proj(x).view(b, s, 1, 128)
-            out = st.attention(q, q, q, method="ear", density=0.3, state=self.state, clusters_q=16, clusters_k=32)
+            out = st.attention(q, q, q, method="ear", density=0.3, state=self.state, clusters_q=16, clusters_k=32,
+                               synchronize=synchronize)
             return out.view(b, s, 128) + x
 
     block = Block()
@@ -111,6 +158,7 @@ def test_torch_compile_keeps_one_graph():
         out = compiled(x)  # fullgraph=True raises on any graph break
     assert out.shape == eager.shape and torch.isfinite(out).all()
     assert rel(out, eager) < 0.05  # the state is warm now: a slightly different clustering
+    block.state.synchronize()
 
 
 def test_cuda_errors_raise_with_messages():
