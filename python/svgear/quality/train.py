@@ -2,8 +2,8 @@
 
     python3 -m svgear.quality.train --out DIR [--time-budget 330] [--curriculum ...] [--resume CKPT_DIR]
 
-Most of the time goes to small clips (crops of the full scene: RoPE is relative, so what is
-learnt carries over), the last part to the full 16x96x96 video (16x24x24 = 9216 tokens).
+The first 45% of the time goes to small clips (crops of the full scene: RoPE is relative, so
+what is learnt carries over), the rest to the full 16x96x96 video (16x24x24 = 9216 tokens).
 Phases, the learning-rate schedule and the end are driven by the fraction of the budget spent
 (or of --max-steps, when given). EMA weights are saved as bf16 safetensors shards every
 --ckpt-every seconds and at the end, with loss.csv / loss.png and samples.png (dense samples
@@ -32,7 +32,7 @@ from . import st_io
 from .model import DiTConfig, VideoDiT, save_checkpoint, shard_paths
 from .sampling import autocast, flow_pair, initial_noise, sample, shift_time
 
-DEFAULT_CURRICULUM = "0.45:8x48x48:64,0.25:16x64x64:16,0.3:16x96x96:8"
+DEFAULT_CURRICULUM = "0.2:8x48x48:64,0.25:16x64x64:16,0.55:16x96x96:8"
 
 
 def parse_triple(text, name="video"):
