@@ -11,7 +11,7 @@
 //   sweep 2: (probe_cluster_sweep.cuh) per CTA one chunk of whole key clusters: per cluster j
 //            its mass d_j and sum of exp * v, a_j, against its centroid stand-in, summed over
 //            each query cluster's probe rows into error[i][j].
-// Both sweeps split the keys across CTAs (and 128 probe rows per CTA, 32 per warp), so a head's
+// Both sweeps split the keys across CTAs (and 128 probe rows per CTA, 16 per warp), so a head's
 // 1024 probe rows at S = 32K fill the GPU several times over. With P in fp16 (relative rounding
 // <= 2^-11) the sums a_j carry ~11 bits per term, averaging down over a cluster's keys; the error
 // of the well-compensated blocks stays far below 1e-3 of a head's largest (the test bound).

@@ -12,11 +12,13 @@
 
 namespace svgear::cuda::detail::probe {
 
-// A CTA: 4 warps x 32 probe rows (two m16 blocks per warp, so each key or value fragment read
-// from shared memory feeds two MMAs), keys in tiles of 64.
-inline constexpr int kWarps = 4;
+// A CTA: 8 warps x 16 probe rows (one m16 block per warp), keys in tiles of 64. Two m16 blocks
+// per warp (4 warps) let each key or value fragment read from shared memory feed two MMAs, but
+// left the cluster sweep (one CTA per SM for its shared memory) with 4 warps per SM to hide
+// latency: 3x the exact sweep's time for 1.5x its MMA work.
+inline constexpr int kWarps = 8;
 inline constexpr int kThreads = kWarps * 32;
-inline constexpr int kRowBlocks = 2;
+inline constexpr int kRowBlocks = 1;
 inline constexpr int kRowsPerWarp = 16 * kRowBlocks;
 inline constexpr int kRows = kWarps * kRowsPerWarp;  // 128
 inline constexpr int kKeys = 64;
