@@ -323,12 +323,13 @@ def save_checkpoint(model, directory, metadata=None, dtype=torch.bfloat16, shard
     return written
 
 
-def load_checkpoint(path, device="cpu"):
-    """Loads a directory of shards (or one .safetensors file). Returns (model, metadata)."""
-    paths = [path] if os.path.isfile(path) else shard_paths(path)
+def read_shards(path):
+    """(float32 state dict, metadata) of a directory of shards or of one .safetensors file, with
+    the shard count and the presence of a model config checked."""
+    paths = [path] if os.path.isfile(path) else shard_paths(path) if os.path.isdir(path) else []
     if not paths:
         raise FileNotFoundError(
-            "no checkpoint at %s: expected model-*-of-*.safetensors (train one with scripts/quality-train, "
+            "%s: no model-*-of-*.safetensors shards there (train a checkpoint with scripts/quality-train, "
             "see docs/QUALITY.md)" % path)
     state, metadata = {}, {}
     for p in paths:
@@ -336,12 +337,18 @@ def load_checkpoint(path, device="cpu"):
         state.update(tensors)
         metadata = metadata or meta
     if "config" not in metadata:
-        raise ValueError("%s: shard metadata has no 'config'" % paths[0])
-    expected = metadata.get("shard", "1/1").split("/")[1]
-    if len(paths) != int(expected):
-        raise ValueError("%s: found %d shards, the metadata says %s" % (path, len(paths), expected))
+        raise ValueError("%s: the shards' metadata has no 'config'" % paths[0])
+    expected = int(metadata.get("shard", "1/1").split("/")[1])
+    if len(paths) != expected:
+        raise ValueError("%s: found %d shards, the metadata says %d" % (path, len(paths), expected))
+    return {k: v.float() for k, v in state.items()}, metadata
+
+
+def load_checkpoint(path, device="cpu"):
+    """Loads a directory of shards (or one .safetensors file). Returns (model, metadata)."""
+    state, metadata = read_shards(path)
     model = VideoDiT(DiTConfig.from_json(metadata["config"]))
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError("%s: checkpoint does not match the model: missing %s, unexpected %s" % (path, missing, unexpected))
     return model.to(device).eval(), metadata

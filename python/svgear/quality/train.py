@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data, plots
-from . import st_io
-from .model import DiTConfig, VideoDiT, save_checkpoint, shard_paths
+from .model import DiTConfig, VideoDiT, read_shards, save_checkpoint
 from .sampling import autocast, flow_pair, initial_noise, sample, shift_time
 
 DEFAULT_CURRICULUM = "0.2:8x48x48:64,0.25:16x64x64:16,0.55:16x96x96:8"
@@ -144,21 +143,9 @@ def logit_normal_t(batch, shift, device, uniform=0.0, linear=0.0):
 
 def read_checkpoint(directory):
     """(config, train metadata dict, state dict of float32 tensors) of the shards in `directory`."""
-    paths = shard_paths(directory) if os.path.isdir(directory) else []
-    if not paths:
-        raise FileNotFoundError("--resume %s: no model-*-of-*.safetensors shards there" % directory)
-    state, meta = {}, {}
-    for path in paths:
-        tensors, m = st_io.load_file(path)
-        state.update(tensors)
-        meta = meta or m
-    if "config" not in meta:
-        raise ValueError("--resume %s: the shards' metadata has no 'config'" % directory)
-    expected = int(meta.get("shard", "1/1").split("/")[1])
-    if len(paths) != expected:
-        raise ValueError("--resume %s: found %d shards, the metadata says %d" % (directory, len(paths), expected))
+    state, meta = read_shards(directory)
     train_meta = json.loads(meta["train"]) if meta.get("train") else {}
-    return DiTConfig.from_json(meta["config"]), train_meta, {k: v.float() for k, v in state.items()}
+    return DiTConfig.from_json(meta["config"]), train_meta, state
 
 
 def config_differences(a, b):
@@ -213,7 +200,7 @@ def main(argv=None):
         try:
             ckpt_cfg, prev, state = read_checkpoint(args.resume)
         except (OSError, ValueError) as error:
-            parser.error(str(error))
+            parser.error("--resume: %s" % error)
         diff = config_differences(cfg, ckpt_cfg)
         if diff:
             parser.error("--resume %s: the checkpoint's model config differs from this run's (this run != checkpoint): %s; "
