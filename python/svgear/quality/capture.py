@@ -18,7 +18,7 @@ import torch
 from . import st_io
 from .evaluate import DEFAULT_CHECKPOINT, parse_list
 from .model import dense_attention, load_checkpoint
-from .sampling import initial_noise, sample, sampler_shift, time_grid
+from .sampling import initial_noise, sample, sample_labels, sampler_guidance, sampler_shift, time_grid
 from .train import parse_triple, pick_device
 
 
@@ -35,12 +35,17 @@ def build_parser():
     p.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shift", type=float, default=None, help="timestep shift of the sampler (default: the checkpoint's sample_shift, else its training shift)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale of a conditional model (default: the checkpoint's sample_guidance)")
     p.add_argument("--device", default="auto")
     return p
 
 
-def capture(model, *, layers, steps, num_steps, video, heads, dtype, seed, shift, device, out):
-    """Runs one dense sample and writes the files; returns their paths."""
+def capture(model, *, layers, steps, num_steps, video, heads, dtype, seed, shift, device, out, guidance=1.0):
+    """Runs one dense sample and writes the files; returns their paths. A conditional model is
+    sampled with the labels of training scene `seed` and guidance `guidance`; with guidance,
+    attention sees the conditional and unconditional batch, and the files keep the conditional
+    half (batch entry 0)."""
     cfg = model.cfg
     grid = cfg.tokens(video)
     for layer in layers:
@@ -70,7 +75,7 @@ def capture(model, *, layers, steps, num_steps, video, heads, dtype, seed, shift
             metadata = {
                 "frames": grid[0], "height": grid[1], "width": grid[2], "layer": layer, "step": step,
                 "num_steps": num_steps, "t": "%.6f" % float(ts[step]), "heads": ",".join(map(str, heads)),
-                "seed": seed, "video": "x".join(map(str, video)), "shift": shift,
+                "seed": seed, "video": "x".join(map(str, video)), "shift": shift, "guidance": guidance,
                 "source": "svgear.quality.capture (dense sample of the quality model)", "model": cfg.to_json(),
             }
             path = os.path.join(out, "qkv_layer%02d_step%02d.safetensors" % (layer, step))
@@ -79,7 +84,8 @@ def capture(model, *, layers, steps, num_steps, video, heads, dtype, seed, shift
         return dense_attention(layer, q, k, v)
 
     noise = initial_noise(seed, (1, cfg.in_channels) + tuple(video), device)
-    sample(model, noise, num_steps, shift, attention_fn=attention_fn, on_step=on_step)
+    labels = sample_labels(model, seed, device, video)
+    sample(model, noise, num_steps, shift, attention_fn=attention_fn, on_step=on_step, labels=labels, guidance=guidance)
     return written
 
 
@@ -93,11 +99,12 @@ def main(argv=None):
         return 2
     train_meta = json.loads(meta.get("train", "{}"))
     shift = args.shift if args.shift is not None else sampler_shift(train_meta)
+    guidance = args.guidance if args.guidance is not None else sampler_guidance(train_meta)
     heads = None if args.heads == "all" else parse_list(args.heads, int)
     paths = capture(model, layers=parse_list(args.layers, int), steps=parse_list(args.steps, int),
                     num_steps=args.num_steps, video=tuple(args.video), heads=heads,
                     dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, seed=args.seed,
-                    shift=shift, device=device, out=args.out)
+                    shift=shift, device=device, out=args.out, guidance=guidance)
     total = 0
     for path in paths:
         size = os.path.getsize(path)

@@ -14,6 +14,7 @@ import torch
 WORLD = 96          # the scene's full frame, pixels
 WORLD_FRAMES = 16   # the scene's full length, frames
 MAX_OBJECTS = 3
+SHAPES = ("disc", "square", "triangle")
 # Object colours (RGB in [0, 1]), jittered per object: saturated, so every object stands out
 # from the muted background.
 PALETTE = torch.tensor([
@@ -59,12 +60,15 @@ def scene_params(batch, generator):
         "obj_vel": u(batch, n, 2, lo=-2.0, hi=2.0),
         "obj_angle": u(batch, n, hi=2 * math.pi),
         "obj_spin": u(batch, n, lo=-0.15, hi=0.15),
-        "obj_color": (PALETTE.to(dev)[torch.randint(0, len(PALETTE), (batch, n), generator=g, device=dev)]
-                      + u(batch, n, 3, lo=-0.08, hi=0.08)).clamp(0.0, 1.0),
+    }
+    # (split from the literal above only to name the palette index: the draws keep their order)
+    params["obj_palette"] = torch.randint(0, len(PALETTE), (batch, n), generator=g, device=dev)
+    params["obj_color"] = (PALETTE.to(dev)[params["obj_palette"]] + u(batch, n, 3, lo=-0.08, hi=0.08)).clamp(0.0, 1.0)
+    params.update({
         "obj_stripe_freq": u(batch, n, lo=2 * math.pi / 14.0, hi=2 * math.pi / 7.0),
         "obj_stripe_amp": u(batch, n, lo=0.25, hi=0.5),
         "obj_stripe_phase": u(batch, n, hi=2 * math.pi),
-    }
+    })
     return params
 
 
@@ -80,10 +84,12 @@ def _triangle_sdf(px, py, r):
     return -torch.sqrt(qx * qx + qy * qy) * torch.sign(qy)
 
 
-def render(params, frames, height, width, t0=None, y0=None, x0=None, device="cpu"):
+def render(params, frames, height, width, t0=None, y0=None, x0=None, device="cpu", visibility=False):
     """Renders a window of each scene: (B, 3, frames, height, width) in [-1, 1], float32.
 
     t0, y0, x0: (B,) integer offsets of the window in the scene (default 0).
+    visibility: also return (B, MAX_OBJECTS) bools, whether each object shows in the window
+    (at least VISIBLE_PIXELS pixels of it over the clip after occlusion): what scene_labels needs.
     """
     device = torch.device(device)
     p = {k: v.to(device) for k, v in params.items()}  # no copy when already there
@@ -116,6 +122,7 @@ def render(params, frames, height, width, t0=None, y0=None, x0=None, device="cpu
     image = (c1 * (1 - mix) + c2 * mix) * shade[:, None]
 
     count = p["obj_count"]
+    alphas = []
     for j in range(p["obj_radius"].shape[1]):
         active = (count > j).float()
         cx = col(p["obj_pos"][:, j, 0]) + col(p["obj_vel"][:, j, 0]) * t
@@ -137,18 +144,52 @@ def render(params, frames, height, width, t0=None, y0=None, x0=None, device="cpu
         colour = p["obj_color"][:, j, :, None, None, None] * stripes[:, None]
         alpha = alpha[:, None]
         image = image * (1 - alpha) + colour * alpha
-    return (image.clamp(0.0, 1.0) * 2 - 1).contiguous()
+        alphas.append(alpha)
+    video = (image.clamp(0.0, 1.0) * 2 - 1).contiguous()
+    if not visibility:
+        return video
+    shown = []
+    for j, alpha in enumerate(alphas):
+        for later in alphas[j + 1:]:  # what the objects painted over it leave of it
+            alpha = alpha * (1 - later)
+        shown.append(alpha.sum(dim=(1, 2, 3, 4)) >= VISIBLE_PIXELS)
+    return video, torch.stack(shown, dim=1)
 
 
-def generate(seed, batch=1, frames=WORLD_FRAMES, height=WORLD, width=WORLD, device="cpu"):
-    """Full-frame videos (B, 3, frames, height, width) in [-1, 1], deterministic from `seed`."""
+# Class labels for conditioning: which shapes and which palette colours a clip shows, as a
+# multi-hot vector. A label-free model blurs the modes of this data into blobs; conditioning
+# and classifier-free guidance at sampling are the standard remedy (DiT, Wan's text CFG).
+NUM_LABELS = len(SHAPES) + len(PALETTE)
+VISIBLE_PIXELS = 16
+
+
+def scene_labels(params, visible):
+    """(B, NUM_LABELS) float multi-hot: [shape kinds shown..., palette colours shown...]."""
+    kinds = _one_hot(params["obj_type"].to(visible.device), len(SHAPES))
+    colours = _one_hot(params["obj_palette"].to(visible.device), len(PALETTE))
+    mask = visible[..., None].float()
+    return torch.cat([(kinds * mask).amax(dim=1), (colours * mask).amax(dim=1)], dim=1)
+
+
+def _one_hot(index, classes):
+    return torch.nn.functional.one_hot(index.long(), classes).float()
+
+
+def generate(seed, batch=1, frames=WORLD_FRAMES, height=WORLD, width=WORLD, device="cpu", labels=False):
+    """Full-frame videos (B, 3, frames, height, width) in [-1, 1], deterministic from `seed`;
+    with labels=True, (videos, their scene_labels)."""
     g = torch.Generator().manual_seed(int(seed))
-    return render(scene_params(batch, g), frames, height, width, device=device)
+    params = scene_params(batch, g)
+    if not labels:
+        return render(params, frames, height, width, device=device)
+    video, visible = render(params, frames, height, width, device=device, visibility=True)
+    return video, scene_labels(params, visible)
 
 
-def random_clips(batch, frames, height, width, generator, device=None):
+def random_clips(batch, frames, height, width, generator, device=None, labels=False):
     """Training clips: random windows (frames x height x width) of random scenes, drawn from
-    `generator` and rendered on `device` (default: the generator's)."""
+    `generator` and rendered on `device` (default: the generator's); with labels=True,
+    (clips, their scene_labels), the labels naming what each window shows."""
     params = scene_params(batch, generator)
     dev = generator.device
 
@@ -156,4 +197,7 @@ def random_clips(batch, frames, height, width, generator, device=None):
         return torch.randint(0, full - extent + 1, (batch,), generator=generator, device=dev) if extent < full else None
 
     t0, y0, x0 = offset(frames, WORLD_FRAMES), offset(height, WORLD), offset(width, WORLD)
-    return render(params, frames, height, width, t0, y0, x0, device=device or dev)
+    if not labels:
+        return render(params, frames, height, width, t0, y0, x0, device=device or dev)
+    clips, visible = render(params, frames, height, width, t0, y0, x0, device=device or dev, visibility=True)
+    return clips, scene_labels(params, visible)

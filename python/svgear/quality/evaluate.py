@@ -21,7 +21,7 @@ import torch
 
 from . import metrics, plots
 from .model import load_checkpoint
-from .sampling import autocast, initial_noise, sample, sampler_shift
+from .sampling import initial_noise, sample, sample_labels, sampler_guidance, sampler_shift
 from .train import parse_triple, pick_device
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
@@ -79,6 +79,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="video i uses initial noise from seed + i")
     p.add_argument("--steps", type=int, default=25, help="Euler sampling steps")
     p.add_argument("--shift", type=float, default=None, help="timestep shift of the sampler (default: the checkpoint's sample_shift, else its training shift)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale of a conditional model (default: the checkpoint's sample_guidance; 1: none)")
     p.add_argument("--video", type=parse_triple, default=None, help="FxHxW pixels (default: the model's full size)")
     p.add_argument("--methods", default="dense,svg2,ear", help="comma list; 'dense' runs the router's dense path")
     p.add_argument("--densities", default="0.1,0.2,0.3")
@@ -115,8 +117,11 @@ def _fmt(value, digits=2):
 
 
 def run_evaluation(model, configs, *, num_videos, seed, steps, shift, video, device, options, warmup_steps,
-                   warmup_layers, dtype=torch.bfloat16, frames_video=0, timing_warmup=True, log=print):
-    """configs: [(method, density)]. Returns (rows, summary, frames) — frames: [(label, video)]."""
+                   warmup_layers, dtype=torch.bfloat16, frames_video=0, timing_warmup=True, log=print, guidance=1.0):
+    """configs: [(method, density)]. Returns (rows, summary, frames) — frames: [(label, video)].
+
+    A conditional model samples video i with the labels of training scene seed + i and
+    classifier-free guidance `guidance` (dense and every method alike)."""
     cfg = model.cfg
     shape = (1, cfg.in_channels) + tuple(video)
     routers = []
@@ -124,7 +129,7 @@ def run_evaluation(model, configs, *, num_videos, seed, steps, shift, video, dev
         opts = {} if method == "dense" else dict(options)
         routers.append(make_router(method, density, cfg.num_layers, warmup_steps, warmup_layers, opts))
 
-    def timed_sample(noise, router=None):
+    def timed_sample(noise, labels, router=None):
         if router is not None:
             router.reset()
             fn = lambda layer, q, k, v: router(layer, q, k, v, layout="bshd")  # noqa: E731
@@ -133,30 +138,35 @@ def run_evaluation(model, configs, *, num_videos, seed, steps, shift, video, dev
             fn, on_step = None, None
         _sync(device)
         t0 = time.perf_counter()
-        out = sample(model, noise, steps, shift, attention_fn=fn, on_step=on_step, dtype=dtype)
+        out = sample(model, noise, steps, shift, attention_fn=fn, on_step=on_step, dtype=dtype,
+                     labels=labels, guidance=guidance)
         _sync(device)
         return out[0], time.perf_counter() - t0
 
     if timing_warmup:  # first calls pay for kernel selection / library start-up: keep them out of the timings
         noise = initial_noise(seed, shape, device)
-        sample(model, noise, 2, shift, dtype=dtype)
-        t_last = torch.full((1,), 0.5, device=device)
-        for router in routers:
-            router.reset()
-            router.set_step(steps - 1, steps)
-            with torch.no_grad(), autocast(device, dtype):
-                model(noise, t_last, attention_fn=lambda layer, q, k, v, r=router: r(layer, q, k, v, layout="bshd"))
-            router.reset()
+        labels = sample_labels(model, seed, device, video)
+        for router in [None] + routers:
+            if router is not None:
+                router.reset()
+                fn = lambda layer, q, k, v, r=router: r(layer, q, k, v, layout="bshd")  # noqa: E731
+                on_step = lambda step, n, r=router: r.set_step(steps - 1, steps)  # noqa: E731 (a sparse step)
+            else:
+                fn, on_step = None, None
+            sample(model, noise, 1, shift, attention_fn=fn, on_step=on_step, dtype=dtype, labels=labels, guidance=guidance)
+            if router is not None:
+                router.reset()
         _sync(device)
 
     rows, frames = [], []
     for i in range(num_videos):
         noise = initial_noise(seed + i, shape, device)
-        reference, dense_seconds = timed_sample(noise)
+        labels = sample_labels(model, seed + i, device, video)
+        reference, dense_seconds = timed_sample(noise, labels)
         if i == frames_video:
             frames.append(("dense (reference)", reference.cpu()))
         for (method, density), router in zip(configs, routers):
-            out, seconds = timed_sample(noise, router)
+            out, seconds = timed_sample(noise, labels, router)
             row = {
                 "video": i, "method": method, "density": density,
                 "effective_density": round(effective_density(density, warmup_steps if method != "dense" else 0,
@@ -254,6 +264,7 @@ def main(argv=None):
     cfg = model.cfg
     train_meta = json.loads(meta.get("train", "{}"))
     shift = args.shift if args.shift is not None else sampler_shift(train_meta)
+    guidance = args.guidance if args.guidance is not None else sampler_guidance(train_meta)
     video = tuple(args.video or cfg.video)
     grid = cfg.tokens(video)
     tokens = grid[0] * grid[1] * grid[2]
@@ -273,7 +284,7 @@ def main(argv=None):
         "checkpoint": os.path.abspath(args.checkpoint), "train_step": train_meta.get("step"),
         "video": "x".join(map(str, video)), "tokens": "x".join(map(str, grid)) + " = %d" % tokens,
         "num_videos": args.num_videos, "seed": args.seed, "steps": args.steps, "shift": shift,
-        "warmup_steps": args.warmup_steps, "warmup_layers": args.warmup_layers, "options": options,
+        "guidance": guidance if cfg.num_labels else None, "warmup_steps": args.warmup_steps, "warmup_layers": args.warmup_layers, "options": options,
         "device": str(device) + (" (%s)" % torch.cuda.get_device_name(device) if device.type == "cuda" else ""),
         "dtype": args.dtype if device.type == "cuda" else "f32", "torch": torch.__version__,
         "ssim": metrics.ssim_backend(),
@@ -282,7 +293,7 @@ def main(argv=None):
     rows, summary, frames = run_evaluation(
         model, configs, num_videos=args.num_videos, seed=args.seed, steps=args.steps, shift=shift, video=video,
         device=device, options=options, warmup_steps=args.warmup_steps, warmup_layers=args.warmup_layers,
-        dtype=dtype, frames_video=args.frames_video, timing_warmup=not args.no_timing_warmup)
+        dtype=dtype, frames_video=args.frames_video, timing_warmup=not args.no_timing_warmup, guidance=guidance)
     write_outputs(args.out, rows, summary, frames, info, frames_count=args.frames_count)
     print()
     print(format_table(summary))

@@ -3,7 +3,9 @@
 Patchified pixels (patch 1x4x4 by default), 3D RoPE with Wan's split of head_dim over
 (t, h, w), RMS-normed q/k, self-attention + GELU MLP blocks with adaLN timestep conditioning the
 way Wan does it: one shared time projection to 6*dim, plus a learned per-block modulation table
-added to it. Unconditional. Attention is pluggable: every self-attention calls
+added to it. Optionally class-conditional (num_labels > 0): a multi-hot label vector (which
+shapes and colours the video shows, data.scene_labels) is embedded linearly and added to the
+time embedding; all-zero labels are the unconditional input of classifier-free guidance. Attention is pluggable: every self-attention calls
 `attention_fn(layer_index, q, k, v)` with q, k, v of shape (B, S, H, D) ("bshd", RoPE already
 applied, all in the compute dtype) and uses its (B, S, H, D) result.
 """
@@ -34,6 +36,7 @@ class DiTConfig:
     rope_theta: float = 10000.0
     eps: float = 1e-6
     video: tuple = (16, 96, 96)  # frames, height, width (pixels) the model is trained and sampled at
+    num_labels: int = 0  # multi-hot class labels (0: unconditional; older checkpoints have none)
 
     def __post_init__(self):
         self.patch = tuple(int(p) for p in self.patch)
@@ -219,6 +222,7 @@ class VideoDiT(nn.Module):
         self.patch_embedding = nn.Linear(patch_dim, cfg.dim)
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.label_embedding = nn.Linear(cfg.num_labels, cfg.dim, bias=False) if cfg.num_labels else None
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_layers)])
         self.head = Head(cfg)
         self._rope_cache = {}
@@ -228,7 +232,8 @@ class VideoDiT(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         for module in self.time_embedding:
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)
@@ -236,6 +241,10 @@ class VideoDiT(nn.Module):
         # the output head at zero (velocity 0).
         nn.init.zeros_(self.time_projection[1].weight)
         nn.init.zeros_(self.head.head.weight)
+        # zero: labels start with no effect, so a conditional model resumed from an
+        # unconditional checkpoint starts as that checkpoint
+        if self.label_embedding is not None:
+            nn.init.zeros_(self.label_embedding.weight)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -262,7 +271,8 @@ class VideoDiT(nn.Module):
         x = x.reshape(b, grid[0], grid[1], grid[2], c, pt, ph, pw)
         return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, c, grid[0] * pt, grid[1] * ph, grid[2] * pw)
 
-    def forward(self, x, t, attention_fn=None):
+    def forward(self, x, t, attention_fn=None, labels=None):
+        """labels: (B, num_labels) multi-hot, or None (all zero: unconditional)."""
         attention_fn = attention_fn or self.attention_fn
         cfg = self.cfg
         _, _, f, h, w = x.shape
@@ -272,6 +282,12 @@ class VideoDiT(nn.Module):
         x = self.patch_embedding(tokens).float()
         t = t.reshape(-1).to(x.device).float().expand(x.shape[0])
         e = self.time_embedding(sinusoidal_embedding(t * 1000.0, cfg.freq_dim)).float()
+        if labels is not None:
+            if not cfg.num_labels:
+                raise ValueError("labels given to an unconditional model (num_labels 0)")
+            if tuple(labels.shape) != (x.shape[0], cfg.num_labels):
+                raise ValueError("labels of shape %s, expected (%d, %d)" % (tuple(labels.shape), x.shape[0], cfg.num_labels))
+            e = e + self.label_embedding(labels.to(x.device, self.label_embedding.weight.dtype)).float()
         e0 = self.time_projection(e).float().view(-1, 6, cfg.dim)
         for block in self.blocks:
             x = block(x, e0, freqs, attention_fn)

@@ -22,7 +22,7 @@ import torch
 from . import data, plots
 from .evaluate import DEFAULT_CHECKPOINT, parse_list
 from .model import load_checkpoint
-from .sampling import autocast, flow_pair, initial_noise, sample, sampler_shift
+from .sampling import autocast, flow_pair, initial_noise, sample, sample_labels, sampler_guidance, sampler_shift
 from .train import parse_triple, pick_device
 
 
@@ -33,6 +33,8 @@ def build_parser():
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--shifts", default=None, help="comma list of sampler shifts (default: the checkpoint's)")
     p.add_argument("--steps", default="25", help="comma list of Euler step counts")
+    p.add_argument("--guidance", default=None,
+                   help="comma list of classifier-free guidance scales of a conditional model (default: the checkpoint's)")
     p.add_argument("--num-samples", type=int, default=2, help="seeds 1000, 1001, ...")
     p.add_argument("--frames", type=int, default=8, help="frames shown per video")
     p.add_argument("--denoise", default=None, metavar="T1,T2,...",
@@ -46,7 +48,11 @@ def build_parser():
 @torch.no_grad()
 def denoise_rows(model, times, video, device):
     """[(label, video)] rows and [(t, mse, mean_mse)] of one-step x0 predictions at `times`."""
-    x0 = data.generate(12345, 1, *video, device=device)
+    labels = None
+    if model.cfg.num_labels:  # a conditional model is told what the video shows
+        x0, labels = data.generate(12345, 1, *video, device=device, labels=True)
+    else:
+        x0 = data.generate(12345, 1, *video, device=device)
     noise = initial_noise(0, x0.shape, device)
     rows, table = [("training video", x0[0])], []
     baseline = float(((x0 - x0.mean()) ** 2).mean())
@@ -54,7 +60,7 @@ def denoise_rows(model, times, video, device):
         tt = torch.full((1,), float(t), device=device)
         xt, _ = flow_pair(x0, noise, tt)
         with autocast(device):
-            v = model(xt, tt).float()
+            v = model(xt, tt, labels=labels).float()
         pred = xt - float(t) * v
         table.append((float(t), float(((pred - x0) ** 2).mean()), baseline))
         rows.append(("t=%.2f input" % t, xt[0].clamp(-1, 1)))
@@ -71,10 +77,13 @@ def main(argv=None):
         train_meta = json.loads(meta["train"]) if meta.get("train") else {}
         shifts = parse_list(args.shifts, float) if args.shifts else [sampler_shift(train_meta)]
         steps = parse_list(args.steps, int)
+        guidances = parse_list(args.guidance, float) if args.guidance else [sampler_guidance(train_meta)]
     except (OSError, ValueError) as error:
         parser.error(str(error))
     if not shifts or not steps or min(shifts) <= 0 or min(steps) < 1:
         parser.error("--shifts must be > 0 and --steps >= 1")
+    if not guidances or min(guidances) < 0:
+        parser.error("--guidance must be >= 0")
     total = train_meta.get("total_steps", train_meta.get("step", "?"))
     if args.denoise:
         try:
@@ -95,11 +104,15 @@ def main(argv=None):
         return 0
     shape = (1, model.cfg.in_channels) + tuple(model.cfg.video)
     rows = []
+    conditional = bool(model.cfg.num_labels)
     for seed in range(1000, 1000 + args.num_samples):
         noise = initial_noise(seed, shape, device)
+        labels = sample_labels(model, seed, device)
         for n in steps:
             for s in shifts:
-                rows.append(("seed %d, %d steps, shift %g" % (seed, n, s), sample(model, noise, n, s)[0]))
+                for g in (guidances if conditional else [1.0]):
+                    name = "seed %d, %d steps, shift %g%s" % (seed, n, s, ", cfg %g" % g if conditional else "")
+                    rows.append((name, sample(model, noise, n, s, labels=labels, guidance=g)[0]))
     rows.append(("training data", data.generate(12345, 1, *model.cfg.video, device=device)[0]))
     plots.frames_grid(args.out, rows, count=args.frames,
                       title="dense samples of %s (%s training steps)" % (args.checkpoint, total))

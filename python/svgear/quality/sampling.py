@@ -16,6 +16,24 @@ def sampler_shift(train_meta):
     return float(train_meta.get("sample_shift", train_meta.get("shift", 2.0)))
 
 
+def sampler_guidance(train_meta):
+    """The classifier-free guidance scale a checkpoint's training record asks for (1: none)."""
+    return float(train_meta.get("sample_guidance", 1.0))
+
+
+def sample_labels(model, seed, device="cpu", video=None):
+    """Labels to sample a conditional model with for `seed`: those of the training scene with
+    that seed (data.generate, at `video` pixels, default the model's), so every seed asks for a
+    plausible scene; None for an unconditional model."""
+    if not getattr(model.cfg, "num_labels", 0):
+        return None
+    from . import data
+    _, labels = data.generate(seed, 1, *(video or model.cfg.video), labels=True)
+    if labels.shape[1] != model.cfg.num_labels:
+        raise ValueError("the model takes %d labels, the data gives %d" % (model.cfg.num_labels, labels.shape[1]))
+    return labels.to(device)
+
+
 def time_grid(num_steps, shift, device="cpu"):
     return shift_time(torch.linspace(1.0, 0.0, num_steps + 1, device=device, dtype=torch.float64), shift)
 
@@ -41,18 +59,30 @@ def initial_noise(seed, shape, device="cpu"):
 
 
 @torch.no_grad()
-def sample(model, noise, num_steps=25, shift=2.0, attention_fn=None, on_step=None, dtype=torch.bfloat16):
+def sample(model, noise, num_steps=25, shift=2.0, attention_fn=None, on_step=None, dtype=torch.bfloat16,
+           labels=None, guidance=1.0):
     """Euler integration of the learned velocity; returns x0 (float32, model's pixel range).
 
     on_step(step, num_steps) is called before each step (the router's set_step).
+    labels (B, num_labels) condition the model; with guidance != 1 each step runs the
+    conditional and the unconditional (zero-label) inputs as one batch of 2B, as Wan's CFG
+    does, and takes v_u + guidance * (v_c - v_u). Attention then sees batch 2B.
     """
     x = noise.float()
+    cfg = labels is not None and guidance != 1.0
+    if cfg:
+        labels = torch.cat([labels, torch.zeros_like(labels)])
+    extra = {} if labels is None else {"labels": labels}
     ts = time_grid(num_steps, shift, device=x.device)
     for i in range(num_steps):
         if on_step is not None:
             on_step(i, num_steps)
-        t = torch.full((x.shape[0],), float(ts[i]), device=x.device)
+        xin = torch.cat([x, x]) if cfg else x
+        t = torch.full((xin.shape[0],), float(ts[i]), device=x.device)
         with autocast(x.device, dtype):
-            v = model(x, t, attention_fn=attention_fn)
-        x = x + float(ts[i + 1] - ts[i]) * v.float()
+            v = model(xin, t, attention_fn=attention_fn, **extra).float()
+        if cfg:
+            v_c, v_u = v.chunk(2)
+            v = v_u + guidance * (v_c - v_u)
+        x = x + float(ts[i + 1] - ts[i]) * v
     return x

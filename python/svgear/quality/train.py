@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import data, plots
 from .model import DiTConfig, VideoDiT, read_shards, save_checkpoint
-from .sampling import autocast, flow_pair, initial_noise, sample, shift_time
+from .sampling import autocast, flow_pair, initial_noise, sample, sample_labels, shift_time
 
 DEFAULT_CURRICULUM = "0.2:8x48x48:64,0.25:16x64x64:16,0.55:16x96x96:8"
 
@@ -79,6 +79,13 @@ def build_parser():
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--mlp-ratio", type=float, default=2.0)
+    p.add_argument("--num-labels", type=int, default=data.NUM_LABELS,
+                   help="class conditioning: multi-hot labels of the shapes and colours a clip shows "
+                        "(default %d; 0: an unconditional model)" % data.NUM_LABELS)
+    p.add_argument("--label-drop", type=float, default=0.1,
+                   help="share of training clips whose labels are zeroed (the unconditional input of guidance)")
+    p.add_argument("--sample-guidance", type=float, default=3.0,
+                   help="classifier-free guidance scale of the sampler (samples.png, and saved for the evaluation)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay to lr * this at the end")
     p.add_argument("--warmup-steps", type=int, default=None,
@@ -179,7 +186,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     try:
         cfg = DiTConfig(patch=args.patch, dim=args.dim, num_heads=args.heads, num_layers=args.layers,
-                        mlp_ratio=args.mlp_ratio, video=args.video)
+                        mlp_ratio=args.mlp_ratio, video=args.video, num_labels=args.num_labels)
         cfg.tokens()
         for _, clip, _ in args.curriculum:
             cfg.tokens(clip)
@@ -189,6 +196,12 @@ def main(argv=None):
         parser.error("--t-uniform must be in [0, 1]: %g" % args.t_uniform)
     if not 0.0 <= args.t_linear <= 1.0:
         parser.error("--t-linear must be in [0, 1]: %g" % args.t_linear)
+    if args.num_labels not in (0, data.NUM_LABELS):
+        parser.error("--num-labels must be 0 (unconditional) or %d (the data's labels): %d" % (data.NUM_LABELS, args.num_labels))
+    if not 0.0 <= args.label_drop < 1.0:
+        parser.error("--label-drop must be in [0, 1): %g" % args.label_drop)
+    if args.sample_guidance < 0:
+        parser.error("--sample-guidance must be >= 0: %g" % args.sample_guidance)
     if args.shift <= 0:
         parser.error("--shift must be > 0: %g" % args.shift)
     if args.sample_shift is None:
@@ -201,13 +214,18 @@ def main(argv=None):
             ckpt_cfg, prev, state = read_checkpoint(args.resume)
         except (OSError, ValueError) as error:
             parser.error("--resume: %s" % error)
-        diff = config_differences(cfg, ckpt_cfg)
+        # an unconditional checkpoint may gain conditioning: its label embedding starts at zero
+        adds_labels = ckpt_cfg.num_labels == 0 and cfg.num_labels > 0
+        diff = config_differences(cfg, dataclasses.replace(ckpt_cfg, num_labels=cfg.num_labels) if adds_labels else ckpt_cfg)
         if diff:
             parser.error("--resume %s: the checkpoint's model config differs from this run's (this run != checkpoint): %s; "
                          "pass the checkpoint's --dim/--heads/--layers/--mlp-ratio/--patch/--video" % (args.resume, "; ".join(diff)))
     model = VideoDiT(cfg)
     if args.resume:
         missing, unexpected = model.load_state_dict(state, strict=False)
+        if adds_labels and missing == ["label_embedding.weight"]:
+            missing = []
+            print("the checkpoint is unconditional: this run adds %d-label conditioning (embedding starts at zero)" % cfg.num_labels)
         if missing or unexpected:
             parser.error("--resume %s: the checkpoint's tensors do not match the model: missing %s, unexpected %s" % (
                 args.resume, missing, unexpected))
@@ -227,6 +245,9 @@ def main(argv=None):
             args.resume, resumed["steps"], resumed["seconds"], resumed["previous"].get("shift", "?"), warmup_steps))
     print("timesteps: logit-normal, %.0f%% uniform, shift %g, then %.0f%% linear (unshifted); sampler shift %g" % (
         100 * args.t_uniform, args.shift, 100 * args.t_linear, args.sample_shift))
+    if cfg.num_labels:
+        print("conditioning: %d multi-hot labels (shapes, colours shown), %.0f%% dropped; sampler guidance %g" % (
+            cfg.num_labels, 100 * args.label_drop, args.sample_guidance))
     print("curriculum: " + ", ".join("%.0f%% %s (%d tokens) x batch %d" % (
         100 * f, "x".join(map(str, c)), math.prod(cfg.tokens(c)), b) for f, c, b in args.curriculum))
     print("budget: %.0f s%s; checkpoints every %.0f s to %s" % (
@@ -252,6 +273,8 @@ def main(argv=None):
         seconds = round(time.time() - start, 1)
         record = {"step": step, "seconds": seconds, "shift": args.shift, "t_uniform": args.t_uniform,
                   "t_linear": args.t_linear, "sample_shift": args.sample_shift,
+                  "label_drop": args.label_drop if cfg.num_labels else None,
+                  "sample_guidance": args.sample_guidance if cfg.num_labels else 1.0,
                   "curriculum": [[f, list(c), b] for f, c, b in args.curriculum], "lr": args.lr,
                   "warmup_steps": warmup_steps, "ema": args.ema, "seed": args.seed, "final": final,
                   "total_steps": step + (resumed["steps"] if resumed else 0),
@@ -285,11 +308,16 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = lr
 
-        x0 = data.random_clips(batch, *clip, generator=data_gen, device=device)
+        labels = None
+        if cfg.num_labels:
+            x0, labels = data.random_clips(batch, *clip, generator=data_gen, device=device, labels=True)
+            labels = labels * (torch.rand(batch, 1, device=device) >= args.label_drop)
+        else:
+            x0 = data.random_clips(batch, *clip, generator=data_gen, device=device)
         t = logit_normal_t(batch, args.shift, device, args.t_uniform, args.t_linear)
         xt, target = flow_pair(x0, torch.randn_like(x0), t)
         with autocast(device):
-            pred = model(xt, t)
+            pred = model(xt, t, labels=labels)
         loss = F.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -344,13 +372,15 @@ def main(argv=None):
         rows_png = []
         t0 = time.time()
         for i in range(args.num_samples):
-            video = sample(model, initial_noise(1000 + i, shape, device), args.sample_steps, args.sample_shift)
+            video = sample(model, initial_noise(1000 + i, shape, device), args.sample_steps, args.sample_shift,
+                           labels=sample_labels(model, 1000 + i, device), guidance=args.sample_guidance)
             rows_png.append(("sample %d" % i, video[0]))
         rows_png.append(("training data", data.generate(12345, 1, *cfg.video, device=device)[0]))
         total = step + (resumed["steps"] if resumed else 0)
         plots.frames_grid(os.path.join(args.out, "samples.png"), rows_png, count=8,
-                          title="dense samples (%d Euler steps, shift %g) after %d steps / %.0f s%s" % (
-                              args.sample_steps, args.sample_shift, total, train_seconds + (resumed["seconds"] if resumed else 0),
+                          title="dense samples (%d Euler steps, shift %g%s) after %d steps / %.0f s%s" % (
+                              args.sample_steps, args.sample_shift,
+                              ", guidance %g" % args.sample_guidance if cfg.num_labels else "", total, train_seconds + (resumed["seconds"] if resumed else 0),
                               " (resumed at step %d)" % resumed["steps"] if resumed else ""))
         print("wrote samples.png (%d samples in %.1f s)" % (args.num_samples, time.time() - t0))
     print("done in %.0f s" % (time.time() - start))
