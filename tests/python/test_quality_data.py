@@ -46,3 +46,31 @@ def test_random_clips_follow_the_generator():
     b = data.random_clips(3, 4, 16, 16, torch.Generator().manual_seed(1))
     assert a.shape == (3, 3, 4, 16, 16)
     assert torch.equal(a, b)
+
+
+def test_labels_name_the_shapes_and_colours_a_clip_shows():
+    g = torch.Generator().manual_seed(11)
+    params = data.scene_params(6, g)
+    video, visible = data.render(params, 16, 96, 96, visibility=True)
+    assert torch.equal(video, data.render(params, 16, 96, 96)), "asking for visibility changes nothing else"
+    labels = data.scene_labels(params, visible)
+    assert labels.shape == (6, data.NUM_LABELS)
+    for i in range(6):
+        shown = [j for j in range(data.MAX_OBJECTS) if visible[i, j]]
+        assert all(j < int(params["obj_count"][i]) for j in shown), "inactive objects are never visible"
+        kinds = {int(params["obj_type"][i, j]) for j in shown}
+        colours = {int(params["obj_palette"][i, j]) for j in shown}
+        expected = [float(k in kinds) for k in range(len(data.SHAPES))] + [float(c in colours) for c in range(len(data.PALETTE))]
+        assert labels[i].tolist() == expected
+    # a window away from every object shows none of them: its labels are all zero
+    params["obj_pos"][:] = 10_000.0
+    _, visible = data.render(params, 2, 16, 16, visibility=True)
+    assert not visible.any() and not data.scene_labels(params, visible).any()
+
+
+def test_labelled_clips_are_the_same_clips():
+    a = data.random_clips(3, 4, 32, 32, torch.Generator().manual_seed(2))
+    b, labels = data.random_clips(3, 4, 32, 32, torch.Generator().manual_seed(2), labels=True)
+    assert torch.equal(a, b) and labels.shape == (3, data.NUM_LABELS)
+    _, full_labels = data.generate(4, batch=2, labels=True)
+    assert (full_labels.sum(dim=1) >= 2).all(), "a full video shows at least one shape and one colour"

@@ -25,6 +25,7 @@ class StandInRouter:
         self.method, self.density, self.num_layers = method, density, num_layers
         self.warmup_steps, self.warmup_layers, self.options = warmup_steps, warmup_layers, options
         self.step, self.num_steps, self.resets, self.steps_seen, self.layouts = 0, 1, 0, [], set()
+        self.batches = set()
         StandInRouter.instances.append(self)
 
     def reset(self):
@@ -36,6 +37,7 @@ class StandInRouter:
 
     def __call__(self, layer_index, q, k, v, layout="bshd"):
         self.layouts.add(layout)
+        self.batches.add(q.shape[0])
         assert 0 <= layer_index < self.num_layers
         if self.method == "dense" or self.step < self.warmup_steps * self.num_steps or layer_index < self.warmup_layers:
             return dense_attention(layer_index, q, k, v)
@@ -88,6 +90,27 @@ def test_evaluate_end_to_end_with_a_stand_in_router(checkpoint, tmp_path, monkey
             assert router.options == {"clusters_q": 64, "clusters_k": 64}  # clamped to the 64 tokens
     table = capsys.readouterr().out
     assert "inf" in table and "ear" in table and "svg2" in table
+
+
+def test_a_conditional_model_is_evaluated_with_its_guidance(tmp_path, monkeypatch):
+    """Dense and sparse samples alike get the seed's labels and the checkpoint's guidance: the
+    router sees the conditional and unconditional halves as one batch of 2."""
+    torch.manual_seed(0)
+    model = VideoDiT(DiTConfig(dim=32, num_heads=2, num_layers=2, video=(4, 16, 16), num_labels=9))
+    with torch.no_grad():
+        model.head.head.weight.normal_(0, 0.3)
+        model.label_embedding.weight.normal_()
+    path = str(tmp_path / "ckpt")
+    save_checkpoint(model, path, metadata={"train": {"shift": 2.0, "step": 0, "sample_guidance": 2.5}})
+    StandInRouter.instances = []
+    monkeypatch.setattr(evaluate, "make_router",
+                        lambda m, d, L, w, wl, opts: StandInRouter(m, d, L, warmup_steps=w, warmup_layers=wl, **opts))
+    out = str(tmp_path / "eval")
+    assert evaluate.main(["--checkpoint", path, "--out", out, "--num-videos", "1", "--steps", "3",
+                          "--methods", "dense,ear", "--densities", "0.5", "--device", "cpu"]) == 0
+    assert all(r.batches == {2} for r in StandInRouter.instances)
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["info"]["guidance"] == 2.5
 
 
 def test_missing_router_says_what_to_do(monkeypatch):

@@ -138,3 +138,23 @@ def test_safetensors_writer_and_reader(tmp_path):
     st_io.save_file(tensors, path2, metadata={"frames": 2}, use_package=True)
     again, _ = st_io.load_file(path2, use_package=False)
     assert all(torch.equal(again[n], tensors[n]) for n in tensors)
+
+
+def test_labels_start_with_no_effect_and_are_checked():
+    torch.manual_seed(0)
+    model = VideoDiT(DiTConfig(dim=32, num_heads=2, num_layers=2, video=(2, 8, 8), num_labels=9)).eval()
+    with torch.no_grad():
+        model.head.head.weight.normal_(0, 0.3)
+    x, t = torch.randn(2, 3, 2, 8, 8), torch.tensor([0.3, 0.8])
+    labels = torch.tensor([[1.0] * 9, [0.0] * 9])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, labels=labels), model(x, t)), "a zero-initialised embedding changes nothing"
+        model.label_embedding.weight.normal_()
+        out = model(x, t, labels=labels)
+        assert not torch.allclose(out[0], model(x, t)[0]) and torch.allclose(out[1], model(x, t)[1])
+    with pytest.raises(ValueError, match="labels of shape"):
+        model(x, t, labels=torch.zeros(2, 3))
+    plain = VideoDiT(DiTConfig(dim=32, num_heads=2, num_layers=2, video=(2, 8, 8)))
+    assert plain.label_embedding is None
+    with pytest.raises(ValueError, match="unconditional"):
+        plain(x, t, labels=labels)

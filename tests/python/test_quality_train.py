@@ -151,3 +151,53 @@ def test_training_timesteps_reach_the_low_noise_end():
     assert float((shifted_only < 0.2).float().mean()) < 0.015
     assert float((linear < 0.2).float().mean()) >= 0.2 * args.t_linear
     assert float((linear > 0.9).float().mean()) >= 0.75 * float((shifted_only > 0.9).float().mean())
+
+
+def test_guidance_mixes_the_conditional_and_unconditional_velocities():
+    """guidance 0 is the unconditional sample, 1 the conditional one, and other scales run both
+    halves as one batch of 2 (what attention, and so a sparse router, sees)."""
+    import torch
+
+    from svgear.quality.model import DiTConfig, VideoDiT, dense_attention
+    from svgear.quality.sampling import sample
+
+    torch.manual_seed(0)
+    model = VideoDiT(DiTConfig(dim=32, num_heads=2, num_layers=2, video=(2, 8, 8), num_labels=9)).eval()
+    with torch.no_grad():
+        model.head.head.weight.normal_(0, 0.3)
+        model.label_embedding.weight.normal_()
+    noise, labels = torch.randn(1, 3, 2, 8, 8), torch.ones(1, 9)
+    batches = []
+
+    def attention(layer, q, k, v):
+        batches.append(q.shape[0])
+        return dense_attention(layer, q, k, v)
+
+    uncond = sample(model, noise, 3, 2.0, labels=torch.zeros(1, 9))
+    cond = sample(model, noise, 3, 2.0, labels=labels)
+    assert set(batches) == set()
+    assert torch.allclose(sample(model, noise, 3, 2.0, labels=labels, guidance=0.0, attention_fn=attention), uncond, atol=1e-5)
+    assert set(batches) == {2}
+    assert torch.allclose(sample(model, noise, 3, 2.0, labels=labels, guidance=1.0), cond)
+    assert not torch.allclose(sample(model, noise, 3, 2.0, labels=labels, guidance=3.0), cond, atol=1e-3)
+
+
+def test_resume_may_add_labels_to_an_unconditional_checkpoint(tmp_path, capsys):
+    import torch
+
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    common = TINY + ["--time-budget", "600", "--curriculum", "1:2x8x8:2", "--num-samples", "0"]
+    assert train.main(common + ["--out", first, "--max-steps", "1", "--num-labels", "0"]) == 0
+    assert train.main(common + ["--out", second, "--max-steps", "1", "--resume", first, "--lr", "0",
+                                "--weight-decay", "0"]) == 0
+    assert "adds 9-label conditioning" in capsys.readouterr().out
+    before, after = _tensors(first), _tensors(second)
+    assert set(after) - set(before) == {"label_embedding.weight"}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not after["label_embedding.weight"].any()
+    model, meta = load_checkpoint(second)
+    assert model.cfg.num_labels == 9 and '"sample_guidance": 3.0' in meta["train"]
+    # the other way round is a config change like any other
+    with pytest.raises(SystemExit):
+        train.main(common + ["--out", str(tmp_path / "third"), "--max-steps", "1", "--resume", second, "--num-labels", "0"])
+    assert "num_labels: 0 != 9" in capsys.readouterr().err
