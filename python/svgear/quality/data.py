@@ -13,7 +13,7 @@ import torch
 
 WORLD = 96          # the scene's full frame, pixels
 WORLD_FRAMES = 16   # the scene's full length, frames
-MAX_OBJECTS = 2
+MAX_OBJECTS = 3
 SHAPES = ("disc", "square", "triangle")
 # Object colours (RGB in [0, 1]), jittered per object: saturated, so every object stands out
 # from the muted background.
@@ -37,10 +37,7 @@ def scene_params(batch, generator):
     # objects are large, saturated and drawn from a small palette, so that a few minutes of
     # training learn crisp shapes. The first version (two free background colours, objects of
     # any colour, radius 7-18) gave a model whose samples after 10 minutes of H100 training
-    # were drifting blobs on high-contrast textures: its capacity went to the background. The
-    # second (2-3 objects of radius 11-20 px, stripe periods 7-14 px) gave moving coloured blobs
-    # with ragged 4-px edges and no stripes after 1500 s: now 2 larger objects (a shape is 8-12
-    # tokens across, so a token-sized error at its edge does not hide it) with stripes of 10-18 px.
+    # were drifting blobs on high-contrast textures: its capacity went to the background.
     bg_c1 = u(batch, 3, lo=0.25, hi=0.65)
     params = {
         # background: two close colours blended by a sum of low-frequency gratings, a
@@ -58,9 +55,9 @@ def scene_params(batch, generator):
         # objects: 2..MAX_OBJECTS per scene, painted in index order (later ones occlude).
         "obj_count": torch.randint(2, n + 1, (batch,), generator=g, device=dev),
         "obj_type": torch.randint(0, 3, (batch, n), generator=g, device=dev),  # disc, square, triangle
-        "obj_radius": u(batch, n, lo=15.0, hi=24.0),
-        "obj_pos": u(batch, n, 2, lo=22.0, hi=WORLD - 22.0),
-        "obj_vel": u(batch, n, 2, lo=-1.5, hi=1.5),
+        "obj_radius": u(batch, n, lo=11.0, hi=20.0),
+        "obj_pos": u(batch, n, 2, lo=16.0, hi=WORLD - 16.0),
+        "obj_vel": u(batch, n, 2, lo=-2.0, hi=2.0),
         "obj_angle": u(batch, n, hi=2 * math.pi),
         "obj_spin": u(batch, n, lo=-0.15, hi=0.15),
     }
@@ -68,7 +65,7 @@ def scene_params(batch, generator):
     params["obj_palette"] = torch.randint(0, len(PALETTE), (batch, n), generator=g, device=dev)
     params["obj_color"] = (PALETTE.to(dev)[params["obj_palette"]] + u(batch, n, 3, lo=-0.08, hi=0.08)).clamp(0.0, 1.0)
     params.update({
-        "obj_stripe_freq": u(batch, n, lo=2 * math.pi / 18.0, hi=2 * math.pi / 10.0),
+        "obj_stripe_freq": u(batch, n, lo=2 * math.pi / 14.0, hi=2 * math.pi / 7.0),
         "obj_stripe_amp": u(batch, n, lo=0.25, hi=0.5),
         "obj_stripe_phase": u(batch, n, hi=2 * math.pi),
     })
