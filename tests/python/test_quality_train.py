@@ -187,9 +187,9 @@ def test_resume_may_add_labels_to_an_unconditional_checkpoint(tmp_path, capsys):
 
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     common = TINY + ["--time-budget", "600", "--curriculum", "1:2x8x8:2", "--num-samples", "0"]
-    assert train.main(common + ["--out", first, "--max-steps", "1", "--num-labels", "0"]) == 0
+    assert train.main(common + ["--out", first, "--max-steps", "1"]) == 0
     assert train.main(common + ["--out", second, "--max-steps", "1", "--resume", first, "--lr", "0",
-                                "--weight-decay", "0"]) == 0
+                                "--weight-decay", "0", "--num-labels", "9"]) == 0
     assert "adds 9-label conditioning" in capsys.readouterr().out
     before, after = _tensors(first), _tensors(second)
     assert set(after) - set(before) == {"label_embedding.weight"}
@@ -199,5 +199,5 @@ def test_resume_may_add_labels_to_an_unconditional_checkpoint(tmp_path, capsys):
     assert model.cfg.num_labels == 9 and '"sample_guidance": 3.0' in meta["train"]
     # the other way round is a config change like any other
     with pytest.raises(SystemExit):
-        train.main(common + ["--out", str(tmp_path / "third"), "--max-steps", "1", "--resume", second, "--num-labels", "0"])
+        train.main(common + ["--out", str(tmp_path / "third"), "--max-steps", "1", "--resume", second])
     assert "num_labels: 0 != 9" in capsys.readouterr().err

@@ -79,9 +79,10 @@ def build_parser():
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--mlp-ratio", type=float, default=2.0)
-    p.add_argument("--num-labels", type=int, default=data.NUM_LABELS,
-                   help="class conditioning: multi-hot labels of the shapes and colours a clip shows "
-                        "(default %d; 0: an unconditional model)" % data.NUM_LABELS)
+    p.add_argument("--num-labels", type=int, default=0,
+                   help="class conditioning: %d for multi-hot labels of the shapes and colours a clip shows, sampled "
+                        "with --sample-guidance (default 0: unconditional, as the committed model; conditioning did "
+                        "not give crisper samples in 490 s, docs/QUALITY.md)" % data.NUM_LABELS)
     p.add_argument("--label-drop", type=float, default=0.1,
                    help="share of training clips whose labels are zeroed (the unconditional input of guidance)")
     p.add_argument("--sample-guidance", type=float, default=3.0,
