@@ -33,6 +33,9 @@ struct alignas(16) ClusterSweepShared {
   E q[kRows][kTileStride<D>];
   E k[2][kKeys][kTileStride<D>];
   __half v[2][kKeys][kTileStride<D>];
+  // o of the thread's fragment elements, thread-private: [warp][row block][d tile][lane] holds
+  // (row g, cols 2q, 2q + 1), (row g + 8, same cols) of the C layout.
+  float4 output[kWarps][kRowBlocks][D / 8][32];
   float2 denominator[kWarps][kRowBlocks][32];  // M of the thread's rows g, g + 8 (also thread-private)
   ClusterBatch<E, D> batch[2];
   float logits[kRows][kBatch + 1];  // log2 of the stand-in mass before - m; +1: no bank conflicts
@@ -55,7 +58,7 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], const std::uint32_t (&a)[
   }
 }
 
-// 158 KB of shared memory and 220 registers per thread at D = 128: one CTA (8 warps) per SM.
+// 222 KB of shared memory at D = 128: one CTA per SM.
 template <class E, int D>
 __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E> a) {
   constexpr int kDTiles = D / 8;
@@ -134,13 +137,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
   const float scale_log2 = 1.4426950408889634f / sqrtf(float(D));
 
   // m, M and o of the thread's rows (rows past the head's count: m = 0, M = 1, o = 0, finite).
-  // o of the thread's fragment elements, (row g, cols 2q, 2q + 1) and (row g + 8, the same
-  // cols) of each d tile, stays in registers as fp16 pairs (32 registers at D = 128): in shared
-  // memory as floats, every cluster's finish read 16 KB per warp, as much as its P V products.
-  // o is in the scaled units (|o| < 2^15, within fp16's range); its rounding (2^-12 relative)
-  // moves an error term by Delta_j |o| 2^-12, like the fp16 P behind a_j.
   float row_max[kRowBlocks][2];
-  __half2 row_output[kRowBlocks][kDTiles][2];
 #pragma unroll
   for (int m = 0; m < kRowBlocks; ++m) {
     std::int64_t row[2];
@@ -164,8 +161,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
                 ? *reinterpret_cast<const float2*>(a.row_output + (bh * a.row_capacity + row[h]) * D + nt * 8 + 2 * q)
                 : make_float2(0.0f, 0.0f);
       }
-      row_output[m][nt][0] = __floats2half2_rn(part[0].x, part[0].y);
-      row_output[m][nt][1] = __floats2half2_rn(part[1].x, part[1].y);
+      sh.output[warp][m][nt][lane] = make_float4(part[0].x, part[0].y, part[1].x, part[1].y);
     }
   }
 
@@ -291,9 +287,9 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
     for (int m = 0; m < kRowBlocks; ++m) {
 #pragma unroll
       for (int nt = 0; nt < kDTiles; ++nt) {
-        const float2 low = __half22float2(row_output[m][nt][0]), high = __half22float2(row_output[m][nt][1]);
+        const float4 out = sh.output[warp][m][nt][lane];
         const float2 vbar = *reinterpret_cast<const float2*>(&b.value_means[jj][nt * 8 + 2 * q]);
-        const float o_of[4] = {low.x, low.y, high.x, high.y};
+        const float o_of[4] = {out.x, out.y, out.z, out.w};
         const float vbar_of[2] = {vbar.x, vbar.y};
 #pragma unroll
         for (int x = 0; x < 4; ++x) {
