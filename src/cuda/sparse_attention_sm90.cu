@@ -465,10 +465,12 @@ __device__ __forceinline__ void consume(const KernelParams& p, SharedStorage<Tra
     sm90::mbarrier_wait(sm80::shared_address(&full[t % Traits::kStages]), (t / Traits::kStages) & 1);
     sm90::fence_proxy_async();  // cp.async wrote the stage through the generic proxy; wgmma reads it
   };
-  // One arrival per consumer warp, after the warp's last read of the stage.
+  // One arrival per consumer thread, after its last read of the stage (as CUTLASS's pipelines
+  // do). The release orders each thread's own reads (the bias) before the producer's rewrite;
+  // one arrival per warp after __syncwarp relied on the warp barrier to carry the other lanes'
+  // reads, which compute-sanitizer's racecheck reported as WAR hazards on the bias.
   auto release = [&](std::uint64_t* empty, int t) {
-    __syncwarp();
-    if (lane == 0) sm90::mbarrier_arrive(sm80::shared_address(&empty[t % Traits::kStages]));
+    sm90::mbarrier_arrive(sm80::shared_address(&empty[t % Traits::kStages]));
   };
   // Step t's logits in log2 units; reads the bias of K's stage, so before K is released.
   auto logits = [&](float (&s)[Traits::kKeyTile / 2], int t) {
@@ -576,11 +578,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     sm90::mbarrier_init(sm80::shared_address(&barriers.q_full), 2 * 128);
     for (int stage = 0; stage < Traits::kStages; ++stage) {
       // Full: one cp.async arrival per producer thread (+ one release arrival for K's bias);
-      // empty: one arrival per consumer warp.
+      // empty: one arrival per consumer thread.
       sm90::mbarrier_init(sm80::shared_address(&barriers.k_full[stage]), 2 * 128);
       sm90::mbarrier_init(sm80::shared_address(&barriers.v_full[stage]), 128);
-      sm90::mbarrier_init(sm80::shared_address(&barriers.k_empty[stage]), 4 * active_consumers);
-      sm90::mbarrier_init(sm80::shared_address(&barriers.v_empty[stage]), 4 * active_consumers);
+      sm90::mbarrier_init(sm80::shared_address(&barriers.k_empty[stage]), 128 * active_consumers);
+      sm90::mbarrier_init(sm80::shared_address(&barriers.v_empty[stage]), 128 * active_consumers);
     }
     sm90::mbarrier_init_fence();
   }
