@@ -60,3 +60,17 @@ def test_bad_denoise_times_say_what_is_wrong(checkpoint, tmp_path, capsys):
         preview.main(["--checkpoint", checkpoint, "--out", str(tmp_path / "x.png"), "--denoise", "0.5",
                       "--video", "4x9x8", "--device", "cpu"])
     assert "not divisible by patch" in capsys.readouterr().err
+
+
+def test_a_conditional_model_is_previewed_at_each_guidance(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = VideoDiT(DiTConfig(dim=32, num_heads=2, num_layers=2, video=(4, 16, 16), num_labels=9))
+    path = str(tmp_path / "ckpt")
+    save_checkpoint(model, path, metadata={"train": {"shift": 5.0, "sample_guidance": 3.0}})
+    out = str(tmp_path / "samples.png")
+    assert preview.main(["--checkpoint", path, "--out", out, "--guidance", "1,3", "--steps", "2",
+                         "--num-samples", "1", "--device", "cpu"]) == 0
+    assert "wrote %s (2 videos)" % out in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        preview.main(["--checkpoint", path, "--out", out, "--guidance", "-1", "--device", "cpu"])
+    assert "--guidance must be >= 0" in capsys.readouterr().err
