@@ -62,16 +62,11 @@ def test_capture_writes_readable_safetensors(tmp_path, capsys):
         assert report["shape"] == [1, 2, 48, 32] and 0 <= report["rel_l2"] < 1
 
 
-def test_a_conditional_model_is_captured_under_its_guidance(tmp_path):
+def test_a_conditional_model_is_captured_under_its_guidance(conditional_dit, tmp_path):
     """With guidance attention sees the conditional and unconditional halves as one batch; the
     files keep the conditional half, which differs from an unguided capture's from step 1 on."""
-    torch.manual_seed(0)
-    model = VideoDiT(DiTConfig(dim=32, num_heads=2, num_layers=2, video=(4, 16, 16), num_labels=9))
-    with torch.no_grad():
-        model.head.head.weight.normal_(0, 0.3)
-        model.label_embedding.weight.normal_()
     ckpt = str(tmp_path / "ckpt")
-    save_checkpoint(model, ckpt, metadata={"train": {"shift": 2.0, "sample_guidance": 4.0}})
+    save_checkpoint(conditional_dit, ckpt, metadata={"train": {"shift": 2.0, "sample_guidance": 4.0}})
     # 4x32x32: scene 0's window there shows a triangle (the 16x16 one shows nothing: all-zero labels)
     common = ["--checkpoint", ckpt, "--layers", "1", "--steps", "0,2", "--num-steps", "3", "--video", "4x32x32",
               "--heads", "all", "--dtype", "f32", "--device", "cpu"]

@@ -92,16 +92,11 @@ def test_evaluate_end_to_end_with_a_stand_in_router(checkpoint, tmp_path, monkey
     assert "inf" in table and "ear" in table and "svg2" in table
 
 
-def test_a_conditional_model_is_evaluated_with_its_guidance(tmp_path, monkeypatch):
+def test_a_conditional_model_is_evaluated_with_its_guidance(conditional_dit, tmp_path, monkeypatch):
     """Dense and sparse samples alike get the seed's labels and the checkpoint's guidance: the
     router sees the conditional and unconditional halves as one batch of 2."""
-    torch.manual_seed(0)
-    model = VideoDiT(DiTConfig(dim=32, num_heads=2, num_layers=2, video=(4, 16, 16), num_labels=9))
-    with torch.no_grad():
-        model.head.head.weight.normal_(0, 0.3)
-        model.label_embedding.weight.normal_()
     path = str(tmp_path / "ckpt")
-    save_checkpoint(model, path, metadata={"train": {"shift": 2.0, "step": 0, "sample_guidance": 2.5}})
+    save_checkpoint(conditional_dit, path, metadata={"train": {"shift": 2.0, "step": 0, "sample_guidance": 2.5}})
     StandInRouter.instances = []
     monkeypatch.setattr(evaluate, "make_router",
                         lambda m, d, L, w, wl, opts: StandInRouter(m, d, L, warmup_steps=w, warmup_layers=wl, **opts))

@@ -62,11 +62,9 @@ def test_bad_denoise_times_say_what_is_wrong(checkpoint, tmp_path, capsys):
     assert "not divisible by patch" in capsys.readouterr().err
 
 
-def test_a_conditional_model_is_previewed_at_each_guidance(tmp_path, capsys):
-    torch.manual_seed(0)
-    model = VideoDiT(DiTConfig(dim=32, num_heads=2, num_layers=2, video=(4, 16, 16), num_labels=9))
+def test_a_conditional_model_is_previewed_at_each_guidance(conditional_dit, tmp_path, capsys):
     path = str(tmp_path / "ckpt")
-    save_checkpoint(model, path, metadata={"train": {"shift": 5.0, "sample_guidance": 3.0}})
+    save_checkpoint(conditional_dit, path, metadata={"train": {"shift": 5.0, "sample_guidance": 3.0}})
     out = str(tmp_path / "samples.png")
     assert preview.main(["--checkpoint", path, "--out", out, "--guidance", "1,3", "--steps", "2",
                          "--num-samples", "1", "--device", "cpu"]) == 0
