@@ -146,16 +146,13 @@ def run_evaluation(model, configs, *, num_videos, seed, steps, shift, video, dev
     if timing_warmup:  # first calls pay for kernel selection / library start-up: keep them out of the timings
         noise = initial_noise(seed, shape, device)
         labels = sample_labels(model, seed, device, video)
-        for router in [None] + routers:
-            if router is not None:
-                router.reset()
-                fn = lambda layer, q, k, v, r=router: r(layer, q, k, v, layout="bshd")  # noqa: E731
-                on_step = lambda step, n, r=router: r.set_step(steps - 1, steps)  # noqa: E731 (a sparse step)
-            else:
-                fn, on_step = None, None
-            sample(model, noise, 1, shift, attention_fn=fn, on_step=on_step, dtype=dtype, labels=labels, guidance=guidance)
-            if router is not None:
-                router.reset()
+        sample(model, noise, 1, shift, dtype=dtype, labels=labels, guidance=guidance)
+        for router in routers:  # one sparse step each (the last step is past any warm-up)
+            router.reset()
+            sample(model, noise, 1, shift, attention_fn=lambda layer, q, k, v, r=router: r(layer, q, k, v, layout="bshd"),
+                   on_step=lambda step, n, r=router: r.set_step(steps - 1, steps), dtype=dtype, labels=labels,
+                   guidance=guidance)
+            router.reset()
         _sync(device)
 
     rows, frames = [], []

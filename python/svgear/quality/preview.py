@@ -48,11 +48,8 @@ def build_parser():
 @torch.no_grad()
 def denoise_rows(model, times, video, device):
     """[(label, video)] rows and [(t, mse, mean_mse)] of one-step x0 predictions at `times`."""
-    labels = None
-    if model.cfg.num_labels:  # a conditional model is told what the video shows
-        x0, labels = data.generate(12345, 1, *video, device=device, labels=True)
-    else:
-        x0 = data.generate(12345, 1, *video, device=device)
+    x0, labels = data.generate(12345, 1, *video, device=device, labels=True)
+    labels = labels if model.cfg.num_labels else None  # a conditional model is told what the video shows
     noise = initial_noise(0, x0.shape, device)
     rows, table = [("training video", x0[0])], []
     baseline = float(((x0 - x0.mean()) ** 2).mean())

@@ -4,6 +4,8 @@ import contextlib
 
 import torch
 
+from . import data
+
 
 def shift_time(t, shift):
     """SD3/Wan timestep shift: t' = s t / (1 + (s - 1) t); s > 1 spends more time at high noise."""
@@ -27,7 +29,6 @@ def sample_labels(model, seed, device="cpu", video=None):
     plausible scene; None for an unconditional model."""
     if not getattr(model.cfg, "num_labels", 0):
         return None
-    from . import data
     _, labels = data.generate(seed, 1, *(video or model.cfg.video), labels=True)
     if labels.shape[1] != model.cfg.num_labels:
         raise ValueError("the model takes %d labels, the data gives %d" % (model.cfg.num_labels, labels.shape[1]))
