@@ -158,3 +158,41 @@ def test_labels_start_with_no_effect_and_are_checked():
     assert plain.label_embedding is None
     with pytest.raises(ValueError, match="unconditional"):
         plain(x, t, labels=labels)
+
+
+def test_first_frame_inputs_start_with_no_effect_and_are_checked():
+    """An image-to-video model made from an unconditional one's weights computes what that one
+    did; once its condition weights are non-zero the first frame matters, and it is checked."""
+    from svgear.quality.model import with_first_frame_inputs
+
+    plain = tiny_model()
+    cfg = DiTConfig(**TINY, image_to_video=True)
+    assert cfg.input_channels == 7
+    i2v = VideoDiT(cfg).eval()
+    i2v.load_state_dict(with_first_frame_inputs(plain.state_dict(), cfg))
+    x, t = torch.randn(2, 3, 4, 16, 16), torch.tensor([0.3, 0.9])
+    first = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(i2v(x, t, first_frame=first), plain(x, t)), "zero condition weights change nothing"
+        i2v.patch_embedding.weight[:, i2v.noisy_patch_features:].normal_(0, 0.2)
+        out = i2v(x, t, first_frame=first)
+        assert not torch.allclose(out, plain(x, t), atol=1e-3)
+        other = first.clone()
+        other[1] += 1.0  # only video 1's frame changes: only video 1's output does
+        moved = i2v(x, t, first_frame=other)
+        assert torch.equal(moved[0], out[0]) and not torch.allclose(moved[1], out[1], atol=1e-3)
+    with pytest.raises(ValueError, match="image-to-video: pass first_frame"):
+        i2v(x, t)
+    with pytest.raises(ValueError, match=r"first_frame of shape \(2, 3, 8, 8\)"):
+        i2v(x, t, first_frame=torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="not image-to-video"):
+        plain(x, t, first_frame=first)
+    with pytest.raises(ValueError, match="inputs"):  # already image-to-video
+        with_first_frame_inputs(i2v.state_dict(), cfg)
+
+
+def test_image_to_video_is_saved_in_the_checkpoint(tmp_path):
+    model = VideoDiT(DiTConfig(**TINY, image_to_video=True))
+    save_checkpoint(model, str(tmp_path / "c"))
+    loaded, _ = load_checkpoint(str(tmp_path / "c"))
+    assert loaded.cfg.image_to_video and loaded.patch_embedding.weight.shape == (32, 7 * 16)

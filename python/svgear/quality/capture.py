@@ -18,7 +18,7 @@ import torch
 from . import st_io
 from .evaluate import DEFAULT_CHECKPOINT, parse_list
 from .model import dense_attention, load_checkpoint
-from .sampling import initial_noise, sample, sample_labels, sampler_guidance, sampler_shift, time_grid
+from .sampling import initial_noise, sample, sample_condition, sampler_guidance, sampler_shift, time_grid
 from .train import parse_triple, pick_device
 
 
@@ -43,7 +43,8 @@ def build_parser():
 
 def capture(model, *, layers, steps, num_steps, video, heads, dtype, seed, shift, device, out, guidance=1.0):
     """Runs one dense sample and writes the files; returns their paths. A conditional model is
-    sampled with the labels of training scene `seed` and guidance `guidance`; with guidance,
+    sampled with the labels (and guidance `guidance`) or the first frame of training scene
+    `seed`; with guidance,
     attention sees the conditional and unconditional batch, and the files keep the conditional
     half (batch entry 0)."""
     cfg = model.cfg
@@ -84,8 +85,8 @@ def capture(model, *, layers, steps, num_steps, video, heads, dtype, seed, shift
         return dense_attention(layer, q, k, v)
 
     noise = initial_noise(seed, (1, cfg.in_channels) + tuple(video), device)
-    labels = sample_labels(model, seed, device, video)
-    sample(model, noise, num_steps, shift, attention_fn=attention_fn, on_step=on_step, labels=labels, guidance=guidance)
+    sample(model, noise, num_steps, shift, attention_fn=attention_fn, on_step=on_step, guidance=guidance,
+           **sample_condition(model, seed, device, video))
     return written
 
 

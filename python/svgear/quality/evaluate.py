@@ -21,7 +21,7 @@ import torch
 
 from . import metrics, plots
 from .model import load_checkpoint
-from .sampling import initial_noise, sample, sample_labels, sampler_guidance, sampler_shift
+from .sampling import initial_noise, sample, sample_condition, sampler_guidance, sampler_shift
 from .train import parse_triple, pick_device
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
@@ -120,8 +120,9 @@ def run_evaluation(model, configs, *, num_videos, seed, steps, shift, video, dev
                    warmup_layers, dtype=torch.bfloat16, frames_video=0, timing_warmup=True, log=print, guidance=1.0):
     """configs: [(method, density)]. Returns (rows, summary, frames) — frames: [(label, video)].
 
-    A conditional model samples video i with the labels of training scene seed + i and
-    classifier-free guidance `guidance` (dense and every method alike)."""
+    A conditional model samples video i with the labels (class-conditional, with
+    classifier-free guidance `guidance`) or the first frame (image-to-video) of training scene
+    seed + i, dense and every method alike."""
     cfg = model.cfg
     shape = (1, cfg.in_channels) + tuple(video)
     routers = []
@@ -129,7 +130,7 @@ def run_evaluation(model, configs, *, num_videos, seed, steps, shift, video, dev
         opts = {} if method == "dense" else dict(options)
         routers.append(make_router(method, density, cfg.num_layers, warmup_steps, warmup_layers, opts))
 
-    def timed_sample(noise, labels, router=None):
+    def timed_sample(noise, condition, router=None):
         if router is not None:
             router.reset()
             fn = lambda layer, q, k, v: router(layer, q, k, v, layout="bshd")  # noqa: E731
@@ -139,31 +140,31 @@ def run_evaluation(model, configs, *, num_videos, seed, steps, shift, video, dev
         _sync(device)
         t0 = time.perf_counter()
         out = sample(model, noise, steps, shift, attention_fn=fn, on_step=on_step, dtype=dtype,
-                     labels=labels, guidance=guidance)
+                     guidance=guidance, **condition)
         _sync(device)
         return out[0], time.perf_counter() - t0
 
     if timing_warmup:  # first calls pay for kernel selection / library start-up: keep them out of the timings
         noise = initial_noise(seed, shape, device)
-        labels = sample_labels(model, seed, device, video)
-        sample(model, noise, 1, shift, dtype=dtype, labels=labels, guidance=guidance)
+        condition = sample_condition(model, seed, device, video)
+        sample(model, noise, 1, shift, dtype=dtype, guidance=guidance, **condition)
         for router in routers:  # one sparse step each (the last step is past any warm-up)
             router.reset()
             sample(model, noise, 1, shift, attention_fn=lambda layer, q, k, v, r=router: r(layer, q, k, v, layout="bshd"),
-                   on_step=lambda step, n, r=router: r.set_step(steps - 1, steps), dtype=dtype, labels=labels,
-                   guidance=guidance)
+                   on_step=lambda step, n, r=router: r.set_step(steps - 1, steps), dtype=dtype,
+                   guidance=guidance, **condition)
             router.reset()
         _sync(device)
 
     rows, frames = [], []
     for i in range(num_videos):
         noise = initial_noise(seed + i, shape, device)
-        labels = sample_labels(model, seed + i, device, video)
-        reference, dense_seconds = timed_sample(noise, labels)
+        condition = sample_condition(model, seed + i, device, video)
+        reference, dense_seconds = timed_sample(noise, condition)
         if i == frames_video:
             frames.append(("dense (reference)", reference.cpu()))
         for (method, density), router in zip(configs, routers):
-            out, seconds = timed_sample(noise, labels, router)
+            out, seconds = timed_sample(noise, condition, router)
             row = {
                 "video": i, "method": method, "density": density,
                 "effective_density": round(effective_density(density, warmup_steps if method != "dense" else 0,
@@ -281,7 +282,7 @@ def main(argv=None):
         "checkpoint": os.path.abspath(args.checkpoint), "train_step": train_meta.get("step"),
         "video": "x".join(map(str, video)), "tokens": "x".join(map(str, grid)) + " = %d" % tokens,
         "num_videos": args.num_videos, "seed": args.seed, "steps": args.steps, "shift": shift,
-        "guidance": guidance if cfg.num_labels else None, "warmup_steps": args.warmup_steps, "warmup_layers": args.warmup_layers, "options": options,
+        "guidance": guidance if cfg.num_labels else None, "image_to_video": cfg.image_to_video, "warmup_steps": args.warmup_steps, "warmup_layers": args.warmup_layers, "options": options,
         "device": str(device) + (" (%s)" % torch.cuda.get_device_name(device) if device.type == "cuda" else ""),
         "dtype": args.dtype if device.type == "cuda" else "f32", "torch": torch.__version__,
         "ssim": metrics.ssim_backend(),

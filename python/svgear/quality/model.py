@@ -5,7 +5,11 @@ Patchified pixels (patch 1x4x4 by default), 3D RoPE with Wan's split of head_dim
 way Wan does it: one shared time projection to 6*dim, plus a learned per-block modulation table
 added to it. Optionally class-conditional (num_labels > 0): a multi-hot label vector (which
 shapes and colours the video shows, data.scene_labels) is embedded linearly and added to the
-time embedding; all-zero labels are the unconditional input of classifier-free guidance. Attention is pluggable: every self-attention calls
+time embedding; all-zero labels are the unconditional input of classifier-free guidance.
+Optionally image-to-video (image_to_video): the model is given the clean first frame the way
+Wan2.1-I2V is given its image, as extra input channels (a mask marking the given frame, and a
+condition video holding that frame and zeros elsewhere) concatenated to the noisy video before
+the patch embedding, so the token count and the attention are unchanged. Attention is pluggable: every self-attention calls
 `attention_fn(layer_index, q, k, v)` with q, k, v of shape (B, S, H, D) ("bshd", RoPE already
 applied, all in the compute dtype) and uses its (B, S, H, D) result.
 """
@@ -37,6 +41,7 @@ class DiTConfig:
     eps: float = 1e-6
     video: tuple = (16, 96, 96)  # frames, height, width (pixels) the model is trained and sampled at
     num_labels: int = 0  # multi-hot class labels (0: unconditional; older checkpoints have none)
+    image_to_video: bool = False  # conditioned on the clean first frame (Wan2.1-I2V's channel concatenation)
 
     def __post_init__(self):
         self.patch = tuple(int(p) for p in self.patch)
@@ -57,6 +62,12 @@ class DiTConfig:
         if f % pt or h % ph or w % pw:
             raise ValueError("video %dx%dx%d is not divisible by patch %dx%dx%d" % (f, h, w, pt, ph, pw))
         return f // pt, h // ph, w // pw
+
+    @property
+    def input_channels(self):
+        """Channels the patch embedding reads: the noisy video, plus for image-to-video a mask
+        channel and the condition video."""
+        return 2 * self.in_channels + 1 if self.image_to_video else self.in_channels
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -218,7 +229,7 @@ class VideoDiT(nn.Module):
         super().__init__()
         self.cfg = cfg = cfg or DiTConfig()
         self.attention_fn = attention_fn or dense_attention
-        patch_dim = cfg.in_channels * cfg.patch[0] * cfg.patch[1] * cfg.patch[2]
+        patch_dim = cfg.input_channels * cfg.patch[0] * cfg.patch[1] * cfg.patch[2]
         self.patch_embedding = nn.Linear(patch_dim, cfg.dim)
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
@@ -245,6 +256,15 @@ class VideoDiT(nn.Module):
         # unconditional checkpoint starts as that checkpoint
         if self.label_embedding is not None:
             nn.init.zeros_(self.label_embedding.weight)
+        # the same for the first-frame channels: a model made image-to-video from an
+        # unconditional checkpoint (with_first_frame_inputs) starts as that checkpoint
+        if self.cfg.image_to_video:
+            nn.init.zeros_(self.patch_embedding.weight[:, self.noisy_patch_features:])
+
+    @property
+    def noisy_patch_features(self):
+        """Patch-embedding inputs that come from the noisy video (the first ones, channel-major)."""
+        return self.cfg.in_channels * math.prod(self.cfg.patch)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -271,12 +291,33 @@ class VideoDiT(nn.Module):
         x = x.reshape(b, grid[0], grid[1], grid[2], c, pt, ph, pw)
         return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, c, grid[0] * pt, grid[1] * ph, grid[2] * pw)
 
-    def forward(self, x, t, attention_fn=None, labels=None):
-        """labels: (B, num_labels) multi-hot, or None (all zero: unconditional)."""
+    def with_first_frame(self, x, first_frame):
+        """x (B, C, F, H, W) with Wan2.1-I2V's condition channels appended: a mask (1 on the given
+        frame) and the condition video (the clean first frame, zeros after it)."""
+        b, c, f, h, w = x.shape
+        if first_frame is None:
+            raise ValueError("this model is image-to-video: pass first_frame, the clean first frame (B, %d, H, W) "
+                             "to animate (sampling.sample_condition gives a training scene's)" % c)
+        if tuple(first_frame.shape) != (b, c, h, w):
+            raise ValueError("first_frame of shape %s, expected (%d, %d, %d, %d) (B, C, H, W of the video)" % (
+                tuple(first_frame.shape), b, c, h, w))
+        mask = torch.zeros(b, 1, f, h, w, dtype=x.dtype, device=x.device)
+        mask[:, :, 0] = 1
+        condition = torch.zeros_like(x)
+        condition[:, :, 0] = first_frame.to(x.device, x.dtype)
+        return torch.cat([x, mask, condition], dim=1)
+
+    def forward(self, x, t, attention_fn=None, labels=None, first_frame=None):
+        """labels: (B, num_labels) multi-hot, or None (all zero: unconditional); first_frame:
+        (B, C, H, W), the clean frame an image-to-video model animates (required there only)."""
         attention_fn = attention_fn or self.attention_fn
         cfg = self.cfg
         _, _, f, h, w = x.shape
         cfg.tokens((f, h, w))  # validates divisibility
+        if cfg.image_to_video:
+            x = self.with_first_frame(x, first_frame)
+        elif first_frame is not None:
+            raise ValueError("first_frame given to a model that is not image-to-video")
         tokens, grid = self.patchify(x)
         freqs = self.rope(grid, x.device)
         x = self.patch_embedding(tokens).float()
@@ -292,6 +333,18 @@ class VideoDiT(nn.Module):
         for block in self.blocks:
             x = block(x, e0, freqs, attention_fn)
         return self.unpatchify(self.head(x, e).float(), grid)
+
+
+def with_first_frame_inputs(state, cfg):
+    """An unconditional checkpoint's state dict made image-to-video for `cfg`: the patch
+    embedding gains zero weights for the condition channels, so the model computes what the
+    checkpoint did until training teaches it to use the given frame."""
+    weight = state["patch_embedding.weight"]
+    noisy = cfg.in_channels * math.prod(cfg.patch)
+    if weight.shape[1] != noisy:
+        raise ValueError("patch_embedding.weight has %d inputs, an unconditional model of this config %d" % (weight.shape[1], noisy))
+    extra = weight.new_zeros(weight.shape[0], (cfg.input_channels - cfg.in_channels) * math.prod(cfg.patch))
+    return dict(state, **{"patch_embedding.weight": torch.cat([weight, extra], dim=1)})
 
 
 # --------------------------------------------------------------------------------------------

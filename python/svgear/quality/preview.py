@@ -22,7 +22,7 @@ import torch
 from . import data, plots
 from .evaluate import DEFAULT_CHECKPOINT, parse_list
 from .model import load_checkpoint
-from .sampling import autocast, flow_pair, initial_noise, sample, sample_labels, sampler_guidance, sampler_shift
+from .sampling import autocast, flow_pair, initial_noise, sample, sample_condition, sampler_guidance, sampler_shift
 from .train import parse_triple, pick_device
 
 
@@ -49,7 +49,10 @@ def build_parser():
 def denoise_rows(model, times, video, device):
     """[(label, video)] rows and [(t, mse, mean_mse)] of one-step x0 predictions at `times`."""
     x0, labels = data.generate(12345, 1, *video, device=device, labels=True)
-    labels = labels if model.cfg.num_labels else None  # a conditional model is told what the video shows
+    # a conditional model is told what the video shows, an image-to-video one its first frame
+    condition = {"labels": labels} if model.cfg.num_labels else {}
+    if model.cfg.image_to_video:
+        condition["first_frame"] = x0[:, :, 0]
     noise = initial_noise(0, x0.shape, device)
     rows, table = [("training video", x0[0])], []
     baseline = float(((x0 - x0.mean()) ** 2).mean())
@@ -57,7 +60,7 @@ def denoise_rows(model, times, video, device):
         tt = torch.full((1,), float(t), device=device)
         xt, _ = flow_pair(x0, noise, tt)
         with autocast(device):
-            v = model(xt, tt, labels=labels).float()
+            v = model(xt, tt, **condition).float()
         pred = xt - float(t) * v
         table.append((float(t), float(((pred - x0) ** 2).mean()), baseline))
         rows.append(("t=%.2f input" % t, xt[0].clamp(-1, 1)))
@@ -100,20 +103,24 @@ def main(argv=None):
         print("wrote %s" % args.out)
         return 0
     shape = (1, model.cfg.in_channels) + tuple(model.cfg.video)
-    rows = []
+    rows, sampled = [], 0
     conditional = bool(model.cfg.num_labels)
     for seed in range(1000, 1000 + args.num_samples):
         noise = initial_noise(seed, shape, device)
-        labels = sample_labels(model, seed, device)
+        condition = sample_condition(model, seed, device)
         for n in steps:
             for s in shifts:
                 for g in (guidances if conditional else [1.0]):
                     name = "seed %d, %d steps, shift %g%s" % (seed, n, s, ", cfg %g" % g if conditional else "")
-                    rows.append((name, sample(model, noise, n, s, labels=labels, guidance=g)[0]))
-    rows.append(("training data", data.generate(12345, 1, *model.cfg.video, device=device)[0]))
+                    rows.append((name, sample(model, noise, n, s, guidance=g, **condition)[0]))
+                    sampled += 1
+        if model.cfg.image_to_video:  # the scene whose first frame the samples were given
+            rows.append(("scene %d (frame 0 given)" % seed, data.generate(seed, 1, *model.cfg.video, device=device)[0]))
+    if not model.cfg.image_to_video:
+        rows.append(("training data", data.generate(12345, 1, *model.cfg.video, device=device)[0]))
     plots.frames_grid(args.out, rows, count=args.frames,
                       title="dense samples of %s (%s training steps)" % (args.checkpoint, total))
-    print("wrote %s (%d videos)" % (args.out, len(rows) - 1))
+    print("wrote %s (%d videos)" % (args.out, sampled))
     return 0
 
 

@@ -23,16 +23,23 @@ def sampler_guidance(train_meta):
     return float(train_meta.get("sample_guidance", 1.0))
 
 
-def sample_labels(model, seed, device="cpu", video=None):
-    """Labels to sample a conditional model with for `seed`: those of the training scene with
-    that seed (data.generate, at `video` pixels, default the model's), so every seed asks for a
-    plausible scene; None for an unconditional model."""
-    if not getattr(model.cfg, "num_labels", 0):
-        return None
-    _, labels = data.generate(seed, 1, *(video or model.cfg.video), labels=True)
-    if labels.shape[1] != model.cfg.num_labels:
-        raise ValueError("the model takes %d labels, the data gives %d" % (model.cfg.num_labels, labels.shape[1]))
-    return labels.to(device)
+def sample_condition(model, seed, device="cpu", video=None):
+    """What to sample a model with for `seed`, as keyword arguments of sample(): the labels
+    (class-conditional model) and the first frame (image-to-video model) of the training scene
+    with that seed (data.generate, at `video` pixels, default the model's), so every seed asks
+    for a plausible scene; {} for an unconditional model."""
+    cfg = model.cfg
+    condition = {}
+    if not (getattr(cfg, "num_labels", 0) or getattr(cfg, "image_to_video", False)):
+        return condition
+    scene, labels = data.generate(seed, 1, *(video or cfg.video), labels=True)
+    if cfg.num_labels:
+        if labels.shape[1] != cfg.num_labels:
+            raise ValueError("the model takes %d labels, the data gives %d" % (cfg.num_labels, labels.shape[1]))
+        condition["labels"] = labels.to(device)
+    if cfg.image_to_video:
+        condition["first_frame"] = scene[:, :, 0].to(device)
+    return condition
 
 
 def time_grid(num_steps, shift, device="cpu"):
@@ -61,19 +68,23 @@ def initial_noise(seed, shape, device="cpu"):
 
 @torch.no_grad()
 def sample(model, noise, num_steps=25, shift=2.0, attention_fn=None, on_step=None, dtype=torch.bfloat16,
-           labels=None, guidance=1.0):
+           labels=None, guidance=1.0, first_frame=None):
     """Euler integration of the learned velocity; returns x0 (float32, model's pixel range).
 
     on_step(step, num_steps) is called before each step (the router's set_step).
     labels (B, num_labels) condition the model; with guidance != 1 each step runs the
     conditional and the unconditional (zero-label) inputs as one batch of 2B, as Wan's CFG
     does, and takes v_u + guidance * (v_c - v_u). Attention then sees batch 2B.
+    first_frame (B, C, H, W) is the clean frame an image-to-video model animates (both halves
+    of a guided batch get it, as Wan2.1-I2V's image condition).
     """
     x = noise.float()
     cfg = labels is not None and guidance != 1.0
-    if cfg:
-        labels = torch.cat([labels, torch.zeros_like(labels)])
-    extra = {} if labels is None else {"labels": labels}
+    extra = {}
+    if labels is not None:
+        extra["labels"] = torch.cat([labels, torch.zeros_like(labels)]) if cfg else labels
+    if first_frame is not None:
+        extra["first_frame"] = torch.cat([first_frame, first_frame]) if cfg else first_frame
     ts = time_grid(num_steps, shift, device=x.device)
     for i in range(num_steps):
         if on_step is not None:
