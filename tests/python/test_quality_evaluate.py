@@ -108,12 +108,12 @@ def test_a_conditional_model_is_evaluated_with_its_guidance(conditional_dit, tmp
         assert json.load(f)["info"]["guidance"] == 2.5
 
 
-def test_an_image_to_video_model_is_evaluated_from_each_scenes_first_frame(tmp_path, monkeypatch):
-    """Video i, dense and sparse alike, animates the first frame of training scene seed + i."""
+def test_a_given_frame_model_is_evaluated_from_each_scenes_leading_frames(tmp_path, monkeypatch):
+    """Video i, dense and sparse alike, continues the leading frames of training scene seed + i."""
     from svgear.quality import data
 
     torch.manual_seed(0)
-    model = VideoDiT(DiTConfig(dim=32, num_heads=2, num_layers=2, video=(4, 16, 16), image_to_video=True))
+    model = VideoDiT(DiTConfig(dim=32, num_heads=2, num_layers=2, video=(4, 16, 16), num_given_frames=2))
     with torch.no_grad():
         model.head.head.weight.normal_(0, 0.3)
         model.patch_embedding.weight.normal_(0, 0.3)
@@ -122,22 +122,26 @@ def test_an_image_to_video_model_is_evaluated_from_each_scenes_first_frame(tmp_p
     given = []
     forward = VideoDiT.forward
 
-    def recording_forward(self, x, t, attention_fn=None, labels=None, first_frame=None):
-        given.append(first_frame)
-        return forward(self, x, t, attention_fn=attention_fn, labels=labels, first_frame=first_frame)
+    def recording_forward(self, x, t, attention_fn=None, labels=None, given_frames=None):
+        given.append(given_frames)
+        return forward(self, x, t, attention_fn=attention_fn, labels=labels, given_frames=given_frames)
 
     monkeypatch.setattr(VideoDiT, "forward", recording_forward)
+    scored = []
+    psnr = metrics.psnr
+    monkeypatch.setattr(metrics, "psnr", lambda a, b: scored.append((a.shape[1], b.shape[1])) or psnr(a, b))
     monkeypatch.setattr(evaluate, "make_router",
                         lambda m, d, L, w, wl, opts: StandInRouter(m, d, L, warmup_steps=w, warmup_layers=wl, **opts))
     out = str(tmp_path / "eval")
     assert evaluate.main(["--checkpoint", path, "--out", out, "--num-videos", "2", "--seed", "5", "--steps", "2",
                           "--methods", "dense,ear", "--densities", "0.5", "--device", "cpu", "--no-timing-warmup"]) == 0
-    frames = [data.generate(seed, 1, 4, 16, 16)[:, :, 0] for seed in (5, 6)]
+    frames = [data.generate(seed, 1, 4, 16, 16)[:, :, :2] for seed in (5, 6)]
     # per video: dense reference, dense through the router, ear; 2 steps each
     assert len(given) == 2 * 3 * 2
     assert all(torch.equal(f.cpu(), frames[i // 6]) for i, f in enumerate(given))
+    assert scored == [(2, 2)] * 4, "PSNR covers the 2 generated frames of each sparse and router-dense video"
     with open(os.path.join(out, "summary.json")) as f:
-        assert json.load(f)["info"]["image_to_video"] is True
+        assert json.load(f)["info"]["given_frames"] == 2
 
 
 def test_missing_router_says_what_to_do(monkeypatch):

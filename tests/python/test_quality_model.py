@@ -160,39 +160,49 @@ def test_labels_start_with_no_effect_and_are_checked():
         plain(x, t, labels=labels)
 
 
-def test_first_frame_inputs_start_with_no_effect_and_are_checked():
-    """An image-to-video model made from an unconditional one's weights computes what that one
-    did; once its condition weights are non-zero the first frame matters, and it is checked."""
-    from svgear.quality.model import with_first_frame_inputs
+def test_given_frame_inputs_start_with_no_effect_and_are_checked():
+    """A model that takes given frames, made from an unconditional one's weights, computes what
+    that one did; once its condition weights are non-zero the given frames matter, and they are
+    checked."""
+    from svgear.quality.model import with_given_frame_inputs
 
     plain = tiny_model()
-    cfg = DiTConfig(**TINY, image_to_video=True)
+    cfg = DiTConfig(**TINY, num_given_frames=2)
     assert cfg.input_channels == 7
-    i2v = VideoDiT(cfg).eval()
-    i2v.load_state_dict(with_first_frame_inputs(plain.state_dict(), cfg))
+    model = VideoDiT(cfg).eval()
+    model.load_state_dict(with_given_frame_inputs(plain.state_dict(), cfg))
     x, t = torch.randn(2, 3, 4, 16, 16), torch.tensor([0.3, 0.9])
-    first = torch.randn(2, 3, 16, 16)
+    given = torch.randn(2, 3, 2, 16, 16)
     with torch.no_grad():
-        assert torch.equal(i2v(x, t, first_frame=first), plain(x, t)), "zero condition weights change nothing"
-        i2v.patch_embedding.weight[:, i2v.noisy_patch_features:].normal_(0, 0.2)
-        out = i2v(x, t, first_frame=first)
+        assert torch.equal(model(x, t, given_frames=given), plain(x, t)), "zero condition weights change nothing"
+        model.patch_embedding.weight[:, model.noisy_patch_features:].normal_(0, 0.2)
+        out = model(x, t, given_frames=given)
         assert not torch.allclose(out, plain(x, t), atol=1e-3)
-        other = first.clone()
-        other[1] += 1.0  # only video 1's frame changes: only video 1's output does
-        moved = i2v(x, t, first_frame=other)
+        other = given.clone()
+        other[1, :, 1] += 1.0  # only video 1's second frame changes: only video 1's output does
+        moved = model(x, t, given_frames=other)
         assert torch.equal(moved[0], out[0]) and not torch.allclose(moved[1], out[1], atol=1e-3)
-    with pytest.raises(ValueError, match="image-to-video: pass first_frame"):
-        i2v(x, t)
-    with pytest.raises(ValueError, match=r"first_frame of shape \(2, 3, 8, 8\)"):
-        i2v(x, t, first_frame=torch.zeros(2, 3, 8, 8))
-    with pytest.raises(ValueError, match="not image-to-video"):
-        plain(x, t, first_frame=first)
-    with pytest.raises(ValueError, match="inputs"):  # already image-to-video
-        with_first_frame_inputs(i2v.state_dict(), cfg)
+        # the condition channels: a mask on the given frames, then the frames, zeros after them
+        inputs = model.with_given_frames(x, given)
+        assert inputs.shape == (2, 7, 4, 16, 16) and torch.equal(inputs[:, :3], x)
+        assert torch.equal(inputs[:, 3, :2], torch.ones(2, 2, 16, 16)) and not inputs[:, 3, 2:].any()
+        assert torch.equal(inputs[:, 4:, :2], given) and not inputs[:, 4:, 2:].any()
+    with pytest.raises(ValueError, match="pass given_frames"):
+        model(x, t)
+    with pytest.raises(ValueError, match=r"given_frames of shape \(2, 3, 1, 16, 16\)"):
+        model(x, t, given_frames=given[:, :, :1])
+    with pytest.raises(ValueError, match="leaves none to generate"):
+        model(x[:, :, :2], t, given_frames=given)
+    with pytest.raises(ValueError, match="takes none"):
+        plain(x, t, given_frames=given)
+    with pytest.raises(ValueError, match="inputs"):  # already takes given frames
+        with_given_frame_inputs(model.state_dict(), cfg)
+    with pytest.raises(ValueError, match="num_given_frames 4"):
+        DiTConfig(**TINY, num_given_frames=4)
 
 
-def test_image_to_video_is_saved_in_the_checkpoint(tmp_path):
-    model = VideoDiT(DiTConfig(**TINY, image_to_video=True))
+def test_given_frames_are_saved_in_the_checkpoint(tmp_path):
+    model = VideoDiT(DiTConfig(**TINY, num_given_frames=1))
     save_checkpoint(model, str(tmp_path / "c"))
     loaded, _ = load_checkpoint(str(tmp_path / "c"))
-    assert loaded.cfg.image_to_video and loaded.patch_embedding.weight.shape == (32, 7 * 16)
+    assert loaded.cfg.num_given_frames == 1 and loaded.patch_embedding.weight.shape == (32, 7 * 16)

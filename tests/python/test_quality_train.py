@@ -199,16 +199,17 @@ def test_resume_may_add_labels_to_an_unconditional_checkpoint(tmp_path, capsys):
     assert "num_labels: 0 != 9" in capsys.readouterr().err
 
 
-def test_resume_may_make_an_unconditional_checkpoint_image_to_video(tmp_path, capsys):
+def test_resume_may_add_given_frames_to_an_unconditional_checkpoint(tmp_path, capsys):
     import torch
 
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     common = TINY + ["--time-budget", "600", "--curriculum", "1:2x8x8:2", "--num-samples", "0"]
     assert train.main(common + ["--out", first, "--max-steps", "1"]) == 0
     assert train.main(common + ["--out", second, "--max-steps", "1", "--resume", first, "--lr", "0",
-                                "--weight-decay", "0", "--image-to-video"]) == 0
+                                "--weight-decay", "0", "--given-frames", "1"]) == 0
     out = capsys.readouterr().out
-    assert "adds the first-frame condition" in out and "conditioning: the clean first frame" in out
+    assert "this run adds 1 (their input weights start at zero)" in out
+    assert "conditioning: the clean first 1 frame(s) of each clip (image-to-video)" in out
     before, after = _tensors(first), _tensors(second)
     assert set(after) == set(before)
     assert all(torch.equal(before[k], after[k]) for k in before if k != "patch_embedding.weight")
@@ -216,20 +217,27 @@ def test_resume_may_make_an_unconditional_checkpoint_image_to_video(tmp_path, ca
     assert weight.shape == (32, 7 * 16)
     assert torch.equal(weight[:, :48], before["patch_embedding.weight"]) and not weight[:, 48:].any()
     model, _ = load_checkpoint(second)
-    assert model.cfg.image_to_video
-    # it trains with the first frame given, and its samples are made next to their scenes
-    assert train.main(common + ["--out", str(tmp_path / "third"), "--max-steps", "2", "--resume", second,
-                                "--image-to-video", "--num-samples", "1", "--sample-steps", "2"]) == 0
-    assert os.path.getsize(str(tmp_path / "third" / "samples.png")) > 0
+    assert model.cfg.num_given_frames == 1
+    # it may go on with more given frames (the same tensors); its samples are made next to their scenes
+    third = str(tmp_path / "third")
+    assert train.main(TINY + ["--time-budget", "600", "--curriculum", "1:4x8x8:2", "--out", third, "--max-steps", "2",
+                              "--resume", second, "--given-frames", "2", "--num-samples", "1", "--sample-steps", "2"]) == 0
+    assert "takes 1 given frame(s): this run gives 2" in capsys.readouterr().out
+    assert load_checkpoint(third)[0].cfg.num_given_frames == 2
+    assert os.path.getsize(os.path.join(third, "samples.png")) > 0
     # dropping the condition is a config change like any other
     with pytest.raises(SystemExit):
         train.main(common + ["--out", str(tmp_path / "fourth"), "--max-steps", "1", "--resume", second])
-    assert "image_to_video: false != true" in capsys.readouterr().err
+    assert "num_given_frames: 0 != 1" in capsys.readouterr().err
+    # and clips must leave frames to generate
+    with pytest.raises(SystemExit):
+        train.main(common + ["--out", str(tmp_path / "fifth"), "--max-steps", "1", "--given-frames", "2"])
+    assert "leaves no frame to generate in 2x8x8 clips" in capsys.readouterr().err
 
 
-def test_image_to_video_samples_start_from_their_scene():
-    """sample_condition gives the first frame of the seed's training scene, and both halves of a
-    guided batch get it."""
+def test_given_frame_samples_start_from_their_scene():
+    """sample_condition gives the leading frames of the seed's training scene, and both halves of
+    a guided batch get them."""
     import torch
 
     from svgear.quality import data
@@ -237,18 +245,18 @@ def test_image_to_video_samples_start_from_their_scene():
     from svgear.quality.sampling import sample, sample_condition
 
     model = VideoDiT(DiTConfig(dim=32, num_heads=2, num_layers=2, video=(4, 16, 16), num_labels=9,
-                               image_to_video=True)).eval()
+                               num_given_frames=2)).eval()
     condition = sample_condition(model, 7)
     scene, labels = data.generate(7, 1, 4, 16, 16, labels=True)
-    assert set(condition) == {"labels", "first_frame"}
-    assert torch.equal(condition["first_frame"], scene[:, :, 0]) and torch.equal(condition["labels"], labels)
-    frames = []
+    assert set(condition) == {"labels", "given_frames"}
+    assert torch.equal(condition["given_frames"], scene[:, :, :2]) and torch.equal(condition["labels"], labels)
+    batches = []
 
     def attention(layer, q, k, v):
-        frames.append(q.shape[0])
+        batches.append(q.shape[0])
         return dense_attention(layer, q, k, v)
 
     sample(model, torch.randn(1, 3, 4, 16, 16), 2, 2.0, attention_fn=attention, guidance=2.0, **condition)
-    assert set(frames) == {2}
+    assert set(batches) == {2}
     plain = VideoDiT(DiTConfig(dim=32, num_heads=2, num_layers=2, video=(4, 16, 16)))
     assert sample_condition(plain, 7) == {}

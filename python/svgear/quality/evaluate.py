@@ -121,10 +121,14 @@ def run_evaluation(model, configs, *, num_videos, seed, steps, shift, video, dev
     """configs: [(method, density)]. Returns (rows, summary, frames) — frames: [(label, video)].
 
     A conditional model samples video i with the labels (class-conditional, with
-    classifier-free guidance `guidance`) or the first frame (image-to-video) of training scene
-    seed + i, dense and every method alike."""
+    classifier-free guidance `guidance`) or the leading frames (num_given_frames) of training
+    scene seed + i, dense and every method alike; PSNR and SSIM then cover the frames after the
+    given ones."""
     cfg = model.cfg
     shape = (1, cfg.in_channels) + tuple(video)
+    # PSNR and SSIM over the frames the model generates: given frames would raise every
+    # method's score alike
+    generated = slice(cfg.num_given_frames, None)
     routers = []
     for method, density in configs:
         opts = {} if method == "dense" else dict(options)
@@ -169,7 +173,8 @@ def run_evaluation(model, configs, *, num_videos, seed, steps, shift, video, dev
                 "video": i, "method": method, "density": density,
                 "effective_density": round(effective_density(density, warmup_steps if method != "dense" else 0,
                                                              warmup_layers, steps, cfg.num_layers), 4),
-                "psnr": metrics.psnr(out, reference), "ssim": metrics.ssim(out, reference),
+                "psnr": metrics.psnr(out[:, generated], reference[:, generated]),
+                "ssim": metrics.ssim(out[:, generated], reference[:, generated]),
                 "seconds": seconds, "dense_seconds": dense_seconds, "speedup": dense_seconds / seconds,
             }
             rows.append(row)
@@ -282,7 +287,7 @@ def main(argv=None):
         "checkpoint": os.path.abspath(args.checkpoint), "train_step": train_meta.get("step"),
         "video": "x".join(map(str, video)), "tokens": "x".join(map(str, grid)) + " = %d" % tokens,
         "num_videos": args.num_videos, "seed": args.seed, "steps": args.steps, "shift": shift,
-        "guidance": guidance if cfg.num_labels else None, "image_to_video": cfg.image_to_video, "warmup_steps": args.warmup_steps, "warmup_layers": args.warmup_layers, "options": options,
+        "guidance": guidance if cfg.num_labels else None, "given_frames": cfg.num_given_frames, "warmup_steps": args.warmup_steps, "warmup_layers": args.warmup_layers, "options": options,
         "device": str(device) + (" (%s)" % torch.cuda.get_device_name(device) if device.type == "cuda" else ""),
         "dtype": args.dtype if device.type == "cuda" else "f32", "torch": torch.__version__,
         "ssim": metrics.ssim_backend(),

@@ -6,10 +6,11 @@ way Wan does it: one shared time projection to 6*dim, plus a learned per-block m
 added to it. Optionally class-conditional (num_labels > 0): a multi-hot label vector (which
 shapes and colours the video shows, data.scene_labels) is embedded linearly and added to the
 time embedding; all-zero labels are the unconditional input of classifier-free guidance.
-Optionally image-to-video (image_to_video): the model is given the clean first frame the way
-Wan2.1-I2V is given its image, as extra input channels (a mask marking the given frame, and a
-condition video holding that frame and zeros elsewhere) concatenated to the noisy video before
-the patch embedding, so the token count and the attention are unchanged. Attention is pluggable: every self-attention calls
+Optionally conditioned on clean leading frames (num_given_frames > 0: 1 is image-to-video,
+more is video continuation), given the way Wan2.1-I2V is given its image: extra input channels
+(a mask marking the given frames, and a condition video holding them and zeros after them)
+concatenated to the noisy video before the patch embedding, so the token count and the
+attention are unchanged. Attention is pluggable: every self-attention calls
 `attention_fn(layer_index, q, k, v)` with q, k, v of shape (B, S, H, D) ("bshd", RoPE already
 applied, all in the compute dtype) and uses its (B, S, H, D) result.
 """
@@ -41,7 +42,7 @@ class DiTConfig:
     eps: float = 1e-6
     video: tuple = (16, 96, 96)  # frames, height, width (pixels) the model is trained and sampled at
     num_labels: int = 0  # multi-hot class labels (0: unconditional; older checkpoints have none)
-    image_to_video: bool = False  # conditioned on the clean first frame (Wan2.1-I2V's channel concatenation)
+    num_given_frames: int = 0  # clean leading frames given (Wan2.1-I2V's channel concatenation; 1: image-to-video)
 
     def __post_init__(self):
         self.patch = tuple(int(p) for p in self.patch)
@@ -50,6 +51,9 @@ class DiTConfig:
             raise ValueError("dim %d is not a multiple of num_heads %d" % (self.dim, self.num_heads))
         if self.head_dim % 2:
             raise ValueError("head_dim must be even for RoPE")
+        if not 0 <= self.num_given_frames < self.video[0]:
+            raise ValueError("num_given_frames %d: must be 0 (none) up to %d (one frame fewer than the video)" % (
+                self.num_given_frames, self.video[0] - 1))
 
     @property
     def head_dim(self):
@@ -65,9 +69,9 @@ class DiTConfig:
 
     @property
     def input_channels(self):
-        """Channels the patch embedding reads: the noisy video, plus for image-to-video a mask
-        channel and the condition video."""
-        return 2 * self.in_channels + 1 if self.image_to_video else self.in_channels
+        """Channels the patch embedding reads: the noisy video, plus, when frames are given, a
+        mask channel and the condition video."""
+        return 2 * self.in_channels + 1 if self.num_given_frames else self.in_channels
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -256,9 +260,9 @@ class VideoDiT(nn.Module):
         # unconditional checkpoint starts as that checkpoint
         if self.label_embedding is not None:
             nn.init.zeros_(self.label_embedding.weight)
-        # the same for the first-frame channels: a model made image-to-video from an
-        # unconditional checkpoint (with_first_frame_inputs) starts as that checkpoint
-        if self.cfg.image_to_video:
+        # the same for the given frames' channels: a model made to take them from an
+        # unconditional checkpoint (with_given_frame_inputs) starts as that checkpoint
+        if self.cfg.num_given_frames:
             nn.init.zeros_(self.patch_embedding.weight[:, self.noisy_patch_features:])
 
     @property
@@ -291,33 +295,37 @@ class VideoDiT(nn.Module):
         x = x.reshape(b, grid[0], grid[1], grid[2], c, pt, ph, pw)
         return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(b, c, grid[0] * pt, grid[1] * ph, grid[2] * pw)
 
-    def with_first_frame(self, x, first_frame):
+    def with_given_frames(self, x, given_frames):
         """x (B, C, F, H, W) with Wan2.1-I2V's condition channels appended: a mask (1 on the given
-        frame) and the condition video (the clean first frame, zeros after it)."""
+        frames) and the condition video (the clean given frames, zeros after them)."""
         b, c, f, h, w = x.shape
-        if first_frame is None:
-            raise ValueError("this model is image-to-video: pass first_frame, the clean first frame (B, %d, H, W) "
-                             "to animate (sampling.sample_condition gives a training scene's)" % c)
-        if tuple(first_frame.shape) != (b, c, h, w):
-            raise ValueError("first_frame of shape %s, expected (%d, %d, %d, %d) (B, C, H, W of the video)" % (
-                tuple(first_frame.shape), b, c, h, w))
+        n = self.cfg.num_given_frames
+        if given_frames is None:
+            raise ValueError("this model continues given frames: pass given_frames, the clean first %d frame(s) "
+                             "(B, %d, %d, H, W) (sampling.sample_condition gives a training scene's)" % (n, c, n))
+        if tuple(given_frames.shape) != (b, c, n, h, w):
+            raise ValueError("given_frames of shape %s, expected (%d, %d, %d, %d, %d) (B, C, num_given_frames, H, W)" % (
+                tuple(given_frames.shape), b, c, n, h, w))
+        if f <= n:
+            raise ValueError("a video of %d frames leaves none to generate after %d given" % (f, n))
         mask = torch.zeros(b, 1, f, h, w, dtype=x.dtype, device=x.device)
-        mask[:, :, 0] = 1
+        mask[:, :, :n] = 1
         condition = torch.zeros_like(x)
-        condition[:, :, 0] = first_frame.to(x.device, x.dtype)
+        condition[:, :, :n] = given_frames.to(x.device, x.dtype)
         return torch.cat([x, mask, condition], dim=1)
 
-    def forward(self, x, t, attention_fn=None, labels=None, first_frame=None):
-        """labels: (B, num_labels) multi-hot, or None (all zero: unconditional); first_frame:
-        (B, C, H, W), the clean frame an image-to-video model animates (required there only)."""
+    def forward(self, x, t, attention_fn=None, labels=None, given_frames=None):
+        """labels: (B, num_labels) multi-hot, or None (all zero: unconditional); given_frames:
+        (B, C, num_given_frames, H, W), the clean leading frames a model with num_given_frames
+        continues (required there only)."""
         attention_fn = attention_fn or self.attention_fn
         cfg = self.cfg
         _, _, f, h, w = x.shape
         cfg.tokens((f, h, w))  # validates divisibility
-        if cfg.image_to_video:
-            x = self.with_first_frame(x, first_frame)
-        elif first_frame is not None:
-            raise ValueError("first_frame given to a model that is not image-to-video")
+        if cfg.num_given_frames:
+            x = self.with_given_frames(x, given_frames)
+        elif given_frames is not None:
+            raise ValueError("given_frames passed to a model that takes none (num_given_frames 0)")
         tokens, grid = self.patchify(x)
         freqs = self.rope(grid, x.device)
         x = self.patch_embedding(tokens).float()
@@ -335,10 +343,10 @@ class VideoDiT(nn.Module):
         return self.unpatchify(self.head(x, e).float(), grid)
 
 
-def with_first_frame_inputs(state, cfg):
-    """An unconditional checkpoint's state dict made image-to-video for `cfg`: the patch
+def with_given_frame_inputs(state, cfg):
+    """An unconditional checkpoint's state dict made to take given frames for `cfg`: the patch
     embedding gains zero weights for the condition channels, so the model computes what the
-    checkpoint did until training teaches it to use the given frame."""
+    checkpoint did until training teaches it to use the given frames."""
     weight = state["patch_embedding.weight"]
     noisy = cfg.in_channels * math.prod(cfg.patch)
     if weight.shape[1] != noisy:

@@ -25,21 +25,27 @@ def sampler_guidance(train_meta):
 
 def sample_condition(model, seed, device="cpu", video=None):
     """What to sample a model with for `seed`, as keyword arguments of sample(): the labels
-    (class-conditional model) and the first frame (image-to-video model) of the training scene
-    with that seed (data.generate, at `video` pixels, default the model's), so every seed asks
-    for a plausible scene; {} for an unconditional model."""
+    (class-conditional model) and the leading frames (a model with num_given_frames) of the
+    training scene with that seed (data.generate, at `video` pixels, default the model's), so
+    every seed asks for a plausible scene; {} for an unconditional model."""
     cfg = model.cfg
     condition = {}
-    if not (getattr(cfg, "num_labels", 0) or getattr(cfg, "image_to_video", False)):
+    if not (getattr(cfg, "num_labels", 0) or getattr(cfg, "num_given_frames", 0)):
         return condition
     scene, labels = data.generate(seed, 1, *(video or cfg.video), labels=True)
     if cfg.num_labels:
         if labels.shape[1] != cfg.num_labels:
             raise ValueError("the model takes %d labels, the data gives %d" % (cfg.num_labels, labels.shape[1]))
         condition["labels"] = labels.to(device)
-    if cfg.image_to_video:
-        condition["first_frame"] = scene[:, :, 0].to(device)
+    if cfg.num_given_frames:
+        condition["given_frames"] = scene[:, :, :cfg.num_given_frames].to(device)
     return condition
+
+
+def scene_label(seed, num_given_frames):
+    """Row label of the training scene whose leading frames a sample was given."""
+    given = "frame 0" if num_given_frames == 1 else "frames 0-%d" % (num_given_frames - 1)
+    return "scene %d (%s given)" % (seed, given)
 
 
 def time_grid(num_steps, shift, device="cpu"):
@@ -68,23 +74,23 @@ def initial_noise(seed, shape, device="cpu"):
 
 @torch.no_grad()
 def sample(model, noise, num_steps=25, shift=2.0, attention_fn=None, on_step=None, dtype=torch.bfloat16,
-           labels=None, guidance=1.0, first_frame=None):
+           labels=None, guidance=1.0, given_frames=None):
     """Euler integration of the learned velocity; returns x0 (float32, model's pixel range).
 
     on_step(step, num_steps) is called before each step (the router's set_step).
     labels (B, num_labels) condition the model; with guidance != 1 each step runs the
     conditional and the unconditional (zero-label) inputs as one batch of 2B, as Wan's CFG
     does, and takes v_u + guidance * (v_c - v_u). Attention then sees batch 2B.
-    first_frame (B, C, H, W) is the clean frame an image-to-video model animates (both halves
-    of a guided batch get it, as Wan2.1-I2V's image condition).
+    given_frames (B, C, N, H, W) are the clean leading frames a model with num_given_frames
+    continues (both halves of a guided batch get them, as Wan2.1-I2V's image condition).
     """
     x = noise.float()
     cfg = labels is not None and guidance != 1.0
     extra = {}
     if labels is not None:
         extra["labels"] = torch.cat([labels, torch.zeros_like(labels)]) if cfg else labels
-    if first_frame is not None:
-        extra["first_frame"] = torch.cat([first_frame, first_frame]) if cfg else first_frame
+    if given_frames is not None:
+        extra["given_frames"] = torch.cat([given_frames, given_frames]) if cfg else given_frames
     ts = time_grid(num_steps, shift, device=x.device)
     for i in range(num_steps):
         if on_step is not None:

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from . import data, plots
-from .model import DiTConfig, VideoDiT, read_shards, save_checkpoint, with_first_frame_inputs
-from .sampling import autocast, flow_pair, initial_noise, sample, sample_condition, shift_time
+from .model import DiTConfig, VideoDiT, read_shards, save_checkpoint, with_given_frame_inputs
+from .sampling import autocast, flow_pair, initial_noise, sample, sample_condition, scene_label, shift_time
 
 DEFAULT_CURRICULUM = "0.2:8x48x48:64,0.25:16x64x64:16,0.55:16x96x96:8"
 
@@ -83,9 +83,11 @@ def build_parser():
                    help="class conditioning: %d for multi-hot labels of the shapes and colours a clip shows, sampled "
                         "with --sample-guidance (default 0: unconditional, as the committed model; conditioning did "
                         "not give crisper samples in 490 s, docs/QUALITY.md)" % data.NUM_LABELS)
-    p.add_argument("--image-to-video", action="store_true",
-                   help="condition on the clean first frame, as Wan2.1-I2V (mask + condition video concatenated to "
-                        "the input channels); with --resume, an unconditional checkpoint gains zero weights for them")
+    p.add_argument("--given-frames", type=int, default=0,
+                   help="condition on this many clean leading frames of each clip, as Wan2.1-I2V is on its image (mask + "
+                        "condition video concatenated to the input channels): 1 is image-to-video, more is video "
+                        "continuation (default 0: none); with --resume, an unconditional checkpoint gains zero weights "
+                        "for them, and a checkpoint that takes given frames may change their number")
     p.add_argument("--label-drop", type=float, default=0.1,
                    help="share of training clips whose labels are zeroed (the unconditional input of guidance)")
     p.add_argument("--sample-guidance", type=float, default=3.0,
@@ -191,10 +193,13 @@ def main(argv=None):
     try:
         cfg = DiTConfig(patch=args.patch, dim=args.dim, num_heads=args.heads, num_layers=args.layers,
                         mlp_ratio=args.mlp_ratio, video=args.video, num_labels=args.num_labels,
-                        image_to_video=args.image_to_video)
+                        num_given_frames=args.given_frames)
         cfg.tokens()
         for _, clip, _ in args.curriculum:
             cfg.tokens(clip)
+            if clip[0] <= cfg.num_given_frames:
+                raise ValueError("--given-frames %d leaves no frame to generate in %s clips: give fewer frames or "
+                                 "use longer clips" % (cfg.num_given_frames, "x".join(map(str, clip))))
     except ValueError as error:
         parser.error(str(error))
     if not 0.0 <= args.t_uniform <= 1.0:
@@ -220,19 +225,24 @@ def main(argv=None):
         except (OSError, ValueError) as error:
             parser.error("--resume: %s" % error)
         # an unconditional checkpoint may gain conditioning: its label embedding and its
-        # first-frame input weights start at zero
+        # given-frame input weights start at zero; a model that takes given frames may take
+        # another number of them (the same tensors)
         adds_labels = ckpt_cfg.num_labels == 0 and cfg.num_labels > 0
-        adds_first_frame = not ckpt_cfg.image_to_video and cfg.image_to_video
-        diff = config_differences(cfg, dataclasses.replace(ckpt_cfg, num_labels=cfg.num_labels, image_to_video=cfg.image_to_video)
-                                  if adds_labels or adds_first_frame else ckpt_cfg)
+        adds_given_frames = not ckpt_cfg.num_given_frames and cfg.num_given_frames
+        changes_given_frames = bool(ckpt_cfg.num_given_frames and cfg.num_given_frames)
+        diff = config_differences(cfg, dataclasses.replace(
+            ckpt_cfg, num_labels=cfg.num_labels if adds_labels else ckpt_cfg.num_labels,
+            num_given_frames=cfg.num_given_frames if adds_given_frames or changes_given_frames else ckpt_cfg.num_given_frames))
         if diff:
             parser.error("--resume %s: the checkpoint's model config differs from this run's (this run != checkpoint): %s; "
                          "pass the checkpoint's --dim/--heads/--layers/--mlp-ratio/--patch/--video" % (args.resume, "; ".join(diff)))
     model = VideoDiT(cfg)
     if args.resume:
-        if adds_first_frame:
-            state = with_first_frame_inputs(state, cfg)
-            print("the checkpoint is not image-to-video: this run adds the first-frame condition (its weights start at zero)")
+        if adds_given_frames:
+            state = with_given_frame_inputs(state, cfg)
+            print("the checkpoint takes no given frames: this run adds %d (their input weights start at zero)" % cfg.num_given_frames)
+        elif changes_given_frames and ckpt_cfg.num_given_frames != cfg.num_given_frames:
+            print("the checkpoint takes %d given frame(s): this run gives %d" % (ckpt_cfg.num_given_frames, cfg.num_given_frames))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if adds_labels and missing == ["label_embedding.weight"]:
             missing = []
@@ -256,8 +266,9 @@ def main(argv=None):
             args.resume, resumed["steps"], resumed["seconds"], resumed["previous"].get("shift", "?"), warmup_steps))
     print("timesteps: logit-normal, %.0f%% uniform, shift %g, then %.0f%% linear (unshifted); sampler shift %g" % (
         100 * args.t_uniform, args.shift, 100 * args.t_linear, args.sample_shift))
-    if cfg.image_to_video:
-        print("conditioning: the clean first frame of each clip (image-to-video)")
+    if cfg.num_given_frames:
+        print("conditioning: the clean first %d frame(s) of each clip (%s)" % (
+            cfg.num_given_frames, "image-to-video" if cfg.num_given_frames == 1 else "video continuation"))
     if cfg.num_labels:
         print("conditioning: %d multi-hot labels (shapes, colours shown), %.0f%% dropped; sampler guidance %g" % (
             cfg.num_labels, 100 * args.label_drop, args.sample_guidance))
@@ -327,11 +338,11 @@ def main(argv=None):
             labels = labels * (torch.rand(batch, 1, device=device) >= args.label_drop)
         else:
             x0 = data.random_clips(batch, *clip, generator=data_gen, device=device)
-        first_frame = x0[:, :, 0] if cfg.image_to_video else None
+        given_frames = x0[:, :, :cfg.num_given_frames] if cfg.num_given_frames else None
         t = logit_normal_t(batch, args.shift, device, args.t_uniform, args.t_linear)
         xt, target = flow_pair(x0, torch.randn_like(x0), t)
         with autocast(device):
-            pred = model(xt, t, labels=labels, first_frame=first_frame)
+            pred = model(xt, t, labels=labels, given_frames=given_frames)
         loss = F.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -389,14 +400,14 @@ def main(argv=None):
             video = sample(model, initial_noise(1000 + i, shape, device), args.sample_steps, args.sample_shift,
                            guidance=args.sample_guidance, **sample_condition(model, 1000 + i, device))
             rows_png.append(("sample %d" % i, video[0]))
-            if cfg.image_to_video:  # the scene whose first frame the sample was given
-                rows_png.append(("scene %d (frame 0 given)" % (1000 + i), data.generate(1000 + i, 1, *cfg.video, device=device)[0]))
-        if not cfg.image_to_video:
+            if cfg.num_given_frames:  # the scene whose leading frames the sample was given
+                rows_png.append((scene_label(1000 + i, cfg.num_given_frames), data.generate(1000 + i, 1, *cfg.video, device=device)[0]))
+        if not cfg.num_given_frames:
             rows_png.append(("training data", data.generate(12345, 1, *cfg.video, device=device)[0]))
         total = step + (resumed["steps"] if resumed else 0)
         plots.frames_grid(os.path.join(args.out, "samples.png"), rows_png, count=8,
                           title="dense %ssamples (%d Euler steps, shift %g%s) after %d steps / %.0f s%s" % (
-                              "image-to-video " if cfg.image_to_video else "", args.sample_steps, args.sample_shift,
+                              "%d-given-frame " % cfg.num_given_frames if cfg.num_given_frames else "", args.sample_steps, args.sample_shift,
                               ", guidance %g" % args.sample_guidance if cfg.num_labels else "", total, train_seconds + (resumed["seconds"] if resumed else 0),
                               " (resumed at step %d)" % resumed["steps"] if resumed else ""))
         print("wrote samples.png (%d samples in %.1f s)" % (args.num_samples, time.time() - t0))
