@@ -159,7 +159,7 @@ def render(params, frames, height, width, t0=None, y0=None, x0=None, device="cpu
 # Class labels for conditioning: which shapes and which palette colours a clip shows, as a
 # multi-hot vector, for classifier-free guidance at sampling (as DiT's classes, Wan's text).
 # Tried against the label-free model's blobs: in 490 s it did not make them crisp shapes
-# (docs/QUALITY.md), so the committed model is unconditional.
+# (docs/QUALITY.md), so the committed model has no labels.
 NUM_LABELS = len(SHAPES) + len(PALETTE)
 VISIBLE_PIXELS = 16
 

@@ -81,7 +81,7 @@ def build_parser():
     p.add_argument("--mlp-ratio", type=float, default=2.0)
     p.add_argument("--num-labels", type=int, default=0,
                    help="class conditioning: %d for multi-hot labels of the shapes and colours a clip shows, sampled "
-                        "with --sample-guidance (default 0: unconditional, as the committed model; conditioning did "
+                        "with --sample-guidance (default 0: no labels, as the committed model; labels did "
                         "not give crisper samples in 490 s, docs/QUALITY.md)" % data.NUM_LABELS)
     p.add_argument("--given-frames", type=int, default=0,
                    help="condition on this many clean leading frames of each clip, as Wan2.1-I2V is on its image (mask + "
@@ -104,7 +104,7 @@ def build_parser():
                    help="share of training timesteps drawn uniformly before the shift (the rest logit-normal)")
     p.add_argument("--t-linear", type=float, default=0.0,
                    help="share of training timesteps drawn uniformly on [0, 1] with no shift (the low-noise end, "
-                        "which the shifted draws almost never reach; the committed model's second run used 0.3)")
+                        "which the shifted draws almost never reach; the committed model's second run of four used 0.3)")
     p.add_argument("--sample-shift", type=float, default=None,
                    help="timestep shift of the sampler (samples.png, and saved for the evaluation; default: --shift)")
     p.add_argument("--resume", default=None, metavar="DIR",
