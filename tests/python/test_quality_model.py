@@ -175,7 +175,7 @@ def test_given_frame_inputs_start_with_no_effect_and_are_checked():
     given = torch.randn(2, 3, 2, 16, 16)
     with torch.no_grad():
         assert torch.equal(model(x, t, given_frames=given), plain(x, t)), "zero condition weights change nothing"
-        model.patch_embedding.weight[:, model.noisy_patch_features:].normal_(0, 0.2)
+        model.patch_embedding.weight[:, cfg.noisy_patch_features:].normal_(0, 0.2)
         out = model(x, t, given_frames=given)
         assert not torch.allclose(out, plain(x, t), atol=1e-3)
         other = given.clone()

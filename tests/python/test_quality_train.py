@@ -178,14 +178,24 @@ def test_guidance_mixes_the_conditional_and_unconditional_velocities(conditional
     assert not torch.allclose(sample(model, noise, 3, 2.0, labels=labels, guidance=3.0), cond, atol=1e-3)
 
 
+RESUME_COMMON = TINY + ["--time-budget", "600", "--curriculum", "1:2x8x8:2", "--num-samples", "0"]
+
+
+def _resume_unchanged(tmp_path, *options):
+    """Trains one step into tmp_path/first, then resumes it into tmp_path/second with `options`
+    and a zero learning rate (so the weights stay the checkpoint's). Returns both folders."""
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    assert train.main(RESUME_COMMON + ["--out", first, "--max-steps", "1"]) == 0
+    assert train.main(RESUME_COMMON + ["--out", second, "--max-steps", "1", "--resume", first, "--lr", "0",
+                                       "--weight-decay", "0"] + list(options)) == 0
+    return first, second
+
+
 def test_resume_may_add_labels_to_an_unconditional_checkpoint(tmp_path, capsys):
     import torch
 
-    first, second = str(tmp_path / "first"), str(tmp_path / "second")
-    common = TINY + ["--time-budget", "600", "--curriculum", "1:2x8x8:2", "--num-samples", "0"]
-    assert train.main(common + ["--out", first, "--max-steps", "1"]) == 0
-    assert train.main(common + ["--out", second, "--max-steps", "1", "--resume", first, "--lr", "0",
-                                "--weight-decay", "0", "--num-labels", "9"]) == 0
+    common = RESUME_COMMON
+    first, second = _resume_unchanged(tmp_path, "--num-labels", "9")
     assert "adds 9-label conditioning" in capsys.readouterr().out
     before, after = _tensors(first), _tensors(second)
     assert set(after) - set(before) == {"label_embedding.weight"}
@@ -202,11 +212,8 @@ def test_resume_may_add_labels_to_an_unconditional_checkpoint(tmp_path, capsys):
 def test_resume_may_add_given_frames_to_an_unconditional_checkpoint(tmp_path, capsys):
     import torch
 
-    first, second = str(tmp_path / "first"), str(tmp_path / "second")
-    common = TINY + ["--time-budget", "600", "--curriculum", "1:2x8x8:2", "--num-samples", "0"]
-    assert train.main(common + ["--out", first, "--max-steps", "1"]) == 0
-    assert train.main(common + ["--out", second, "--max-steps", "1", "--resume", first, "--lr", "0",
-                                "--weight-decay", "0", "--given-frames", "1"]) == 0
+    common = RESUME_COMMON
+    first, second = _resume_unchanged(tmp_path, "--given-frames", "1")
     out = capsys.readouterr().out
     assert "this run adds 1 (their input weights start at zero)" in out
     assert "conditioning: the clean first 1 frame(s) of each clip (image-to-video)" in out

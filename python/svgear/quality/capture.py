@@ -43,10 +43,9 @@ def build_parser():
 
 def capture(model, *, layers, steps, num_steps, video, heads, dtype, seed, shift, device, out, guidance=1.0):
     """Runs one dense sample and writes the files; returns their paths. A conditional model is
-    sampled with the labels (and guidance `guidance`) or the first frame of training scene
-    `seed`; with guidance,
-    attention sees the conditional and unconditional batch, and the files keep the conditional
-    half (batch entry 0)."""
+    sampled with the labels (and guidance `guidance`) or the leading frames of training scene
+    `seed`; with guidance, attention sees the conditional and unconditional batch, and the files
+    keep the conditional half (batch entry 0)."""
     cfg = model.cfg
     grid = cfg.tokens(video)
     for layer in layers:

@@ -73,6 +73,11 @@ class DiTConfig:
         mask channel and the condition video."""
         return 2 * self.in_channels + 1 if self.num_given_frames else self.in_channels
 
+    @property
+    def noisy_patch_features(self):
+        """Patch-embedding inputs that come from the noisy video (the first ones, channel-major)."""
+        return self.in_channels * math.prod(self.patch)
+
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
@@ -233,7 +238,7 @@ class VideoDiT(nn.Module):
         super().__init__()
         self.cfg = cfg = cfg or DiTConfig()
         self.attention_fn = attention_fn or dense_attention
-        patch_dim = cfg.input_channels * cfg.patch[0] * cfg.patch[1] * cfg.patch[2]
+        patch_dim = cfg.input_channels * math.prod(cfg.patch)
         self.patch_embedding = nn.Linear(patch_dim, cfg.dim)
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
@@ -263,12 +268,7 @@ class VideoDiT(nn.Module):
         # the same for the given frames' channels: a model made to take them from an
         # unconditional checkpoint (with_given_frame_inputs) starts as that checkpoint
         if self.cfg.num_given_frames:
-            nn.init.zeros_(self.patch_embedding.weight[:, self.noisy_patch_features:])
-
-    @property
-    def noisy_patch_features(self):
-        """Patch-embedding inputs that come from the noisy video (the first ones, channel-major)."""
-        return self.cfg.in_channels * math.prod(self.cfg.patch)
+            nn.init.zeros_(self.patch_embedding.weight[:, self.cfg.noisy_patch_features:])
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -348,10 +348,10 @@ def with_given_frame_inputs(state, cfg):
     embedding gains zero weights for the condition channels, so the model computes what the
     checkpoint did until training teaches it to use the given frames."""
     weight = state["patch_embedding.weight"]
-    noisy = cfg.in_channels * math.prod(cfg.patch)
+    noisy = cfg.noisy_patch_features
     if weight.shape[1] != noisy:
         raise ValueError("patch_embedding.weight has %d inputs, an unconditional model of this config %d" % (weight.shape[1], noisy))
-    extra = weight.new_zeros(weight.shape[0], (cfg.input_channels - cfg.in_channels) * math.prod(cfg.patch))
+    extra = weight.new_zeros(weight.shape[0], cfg.input_channels * math.prod(cfg.patch) - noisy)
     return dict(state, **{"patch_embedding.weight": torch.cat([weight, extra], dim=1)})
 
 
