@@ -22,8 +22,8 @@ import torch
 from . import data, plots
 from .evaluate import DEFAULT_CHECKPOINT, parse_list
 from .model import load_checkpoint
-from .sampling import (autocast, flow_pair, initial_noise, sample, sample_condition, sampler_guidance, sampler_shift,
-                       scene_label)
+from .sampling import (autocast, flow_pair, given_scene_row, initial_noise, sample, sample_condition, sampler_guidance,
+                       sampler_shift, scene_condition)
 from .train import parse_triple, pick_device
 
 
@@ -51,9 +51,7 @@ def denoise_rows(model, times, video, device):
     """[(label, video)] rows and [(t, mse, mean_mse)] of one-step x0 predictions at `times`."""
     x0, labels = data.generate(12345, 1, *video, device=device, labels=True)
     # a conditional model is told what the video shows, a continuing one its leading frames
-    condition = {"labels": labels} if model.cfg.num_labels else {}
-    if model.cfg.num_given_frames:
-        condition["given_frames"] = x0[:, :, :model.cfg.num_given_frames]
+    condition = scene_condition(model, x0, labels, device)
     noise = initial_noise(0, x0.shape, device)
     rows, table = [("training video", x0[0])], []
     baseline = float(((x0 - x0.mean()) ** 2).mean())
@@ -116,7 +114,7 @@ def main(argv=None):
                     rows.append((name, sample(model, noise, n, s, guidance=g, **condition)[0]))
                     sampled += 1
         if model.cfg.num_given_frames:  # the scene whose leading frames the samples were given
-            rows.append((scene_label(seed, model.cfg.num_given_frames), data.generate(seed, 1, *model.cfg.video, device=device)[0]))
+            rows.append(given_scene_row(seed, model.cfg, device))
     if not model.cfg.num_given_frames:
         rows.append(("training data", data.generate(12345, 1, *model.cfg.video, device=device)[0]))
     plots.frames_grid(args.out, rows, count=args.frames,

@@ -29,23 +29,32 @@ def sample_condition(model, seed, device="cpu", video=None):
     training scene with that seed (data.generate, at `video` pixels, default the model's), so
     every seed asks for a plausible scene; {} for an unconditional model."""
     cfg = model.cfg
-    condition = {}
     if not (getattr(cfg, "num_labels", 0) or getattr(cfg, "num_given_frames", 0)):
-        return condition
+        return {}
     scene, labels = data.generate(seed, 1, *(video or cfg.video), labels=True)
-    if cfg.num_labels:
+    return scene_condition(model, scene, labels, device)
+
+
+def scene_condition(model, scene, labels, device="cpu"):
+    """The keyword arguments of model() / sample() that tell `model` about a scene: its labels
+    (class-conditional model) and its leading frames (a model with num_given_frames)."""
+    cfg = model.cfg
+    condition = {}
+    if getattr(cfg, "num_labels", 0):
         if labels.shape[1] != cfg.num_labels:
             raise ValueError("the model takes %d labels, the data gives %d" % (cfg.num_labels, labels.shape[1]))
         condition["labels"] = labels.to(device)
-    if cfg.num_given_frames:
+    if getattr(cfg, "num_given_frames", 0):
         condition["given_frames"] = scene[:, :, :cfg.num_given_frames].to(device)
     return condition
 
 
-def scene_label(seed, num_given_frames):
-    """Row label of the training scene whose leading frames a sample was given."""
-    given = "frame 0" if num_given_frames == 1 else "frames 0-%d" % (num_given_frames - 1)
-    return "scene %d (%s given)" % (seed, given)
+def given_scene_row(seed, cfg, device="cpu"):
+    """(label, video) picture row of the training scene whose leading frames the sample of
+    `seed` was given, for a model with num_given_frames."""
+    n = cfg.num_given_frames
+    given = "frame 0" if n == 1 else "frames 0-%d" % (n - 1)
+    return "scene %d (%s given)" % (seed, given), data.generate(seed, 1, *cfg.video, device=device)[0]
 
 
 def time_grid(num_steps, shift, device="cpu"):

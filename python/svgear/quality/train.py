@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import data, plots
 from .model import DiTConfig, VideoDiT, read_shards, save_checkpoint, with_given_frame_inputs
-from .sampling import autocast, flow_pair, initial_noise, sample, sample_condition, scene_label, shift_time
+from .sampling import autocast, flow_pair, given_scene_row, initial_noise, sample, sample_condition, shift_time
 
 DEFAULT_CURRICULUM = "0.2:8x48x48:64,0.25:16x64x64:16,0.55:16x96x96:8"
 
@@ -401,7 +401,7 @@ def main(argv=None):
                            guidance=args.sample_guidance, **sample_condition(model, 1000 + i, device))
             rows_png.append(("sample %d" % i, video[0]))
             if cfg.num_given_frames:  # the scene whose leading frames the sample was given
-                rows_png.append((scene_label(1000 + i, cfg.num_given_frames), data.generate(1000 + i, 1, *cfg.video, device=device)[0]))
+                rows_png.append(given_scene_row(1000 + i, cfg, device))
         if not cfg.num_given_frames:
             rows_png.append(("training data", data.generate(12345, 1, *cfg.video, device=device)[0]))
         total = step + (resumed["steps"] if resumed else 0)
