@@ -84,3 +84,16 @@ TEST_F(BuiltinWorkload, EarHalvesSvg2ErrorAtEqualDensity) {
     EXPECT_NEAR(ear_density, svg2_density, 0.02);
   }
 }
+
+// The probe with each query cluster's mean query alone (a quarter of the default's probe rows)
+// still halves SVG2's error.
+TEST_F(BuiltinWorkload, EarWithTheMeanQueryProbeHalvesSvg2Error) {
+  for (double density : {0.1, 0.2, 0.3}) {
+    MethodConfig ear = config(Method::ear, density);
+    ear.probe_queries = 0;
+    ear.probe_mean = true;
+    const double ear_error = error_of(ear);
+    const double svg2 = error_of(config(Method::svg2, density));
+    EXPECT_LE(ear_error, 0.5 * svg2) << "density " << density << ": ear " << ear_error << " svg2 " << svg2;
+  }
+}

@@ -142,6 +142,18 @@ TEST(CApi, SynchronizeOptionParsesAndIsDescribed) {
   EXPECT_EQ(svgear_config_set(config.handle, "density", "true"), SVGEAR_ERROR_VALUE);  // not a boolean option
 }
 
+TEST(CApi, ProbeMeanOptionParsesAndIsDescribed) {
+  Config config("ear");
+  EXPECT_NE(std::string(svgear_config_describe(config.handle)).find("\"probe_mean\":false"), std::string::npos);
+  ASSERT_EQ(svgear_config_set(config.handle, "probe_mean", "true"), SVGEAR_OK) << svgear_last_error();
+  ASSERT_EQ(svgear_config_set(config.handle, "probe_queries", "0"), SVGEAR_OK) << svgear_last_error();
+  const std::string described = svgear_config_describe(config.handle);
+  EXPECT_NE(described.find("\"probe_mean\":true"), std::string::npos) << described;
+  EXPECT_NE(described.find("\"probe_queries\":0"), std::string::npos) << described;
+  EXPECT_EQ(svgear_config_set(config.handle, "probe_mean", "often"), SVGEAR_ERROR_VALUE);
+  EXPECT_NE(std::string(svgear_last_error()).find("choose true or false"), std::string::npos) << svgear_last_error();
+}
+
 // On CPU tensors synchronize = false changes nothing: the same output, a complete report, NaN
 // inputs raised by the call itself, with or without a state; svgear_state_synchronize is a no-op.
 TEST(CApi, AsynchronousOptionHasNoEffectOnTheCpu) {

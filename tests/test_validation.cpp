@@ -141,8 +141,11 @@ TEST(Validation, BadConfigValues) {
   in.config.clusters_k = 0;
   expect_rejected(in, "clusters_k");
   in = Inputs{};
-  in.config.probe_queries = 0;
-  expect_rejected(in, "probe");
+  in.config.probe_queries = 0;  // no probe row at all
+  expect_rejected(in, "probe_mean");
+  in = Inputs{};
+  in.config.probe_queries = -1;
+  expect_rejected(in, "probe queries");
   in = Inputs{};
   in.config.kmeans_iterations = 0;
   expect_rejected(in, "iterations");

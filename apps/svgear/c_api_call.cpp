@@ -33,6 +33,7 @@ std::vector<std::pair<std::string, std::string>> options_of(const MethodConfig& 
       {"kmeans_iters", std::to_string(config.kmeans_iterations)},
       {"warm_iters", std::to_string(config.kmeans_warm_iterations)},
       {"probe_queries", std::to_string(config.probe_queries)},
+      {"probe_mean", config.probe_mean ? "true" : "false"},
       {"init", config.kmeans_init == KmeansInit::strided ? "strided" : "kmeans++"},
       {"seed", std::to_string(config.seed)},
       {"synchronize", config.synchronize ? "true" : "false"},

@@ -58,8 +58,10 @@ void run_demo(const DemoOptions& options) {
     o.density = 1.0;
     return o;
   }());
-  std::printf("clusters: %d query x %d key per head, k-means %d iterations, EAR probe %d queries per cluster\n\n",
-              clusters.clusters_q, clusters.clusters_k, clusters.kmeans_iterations, clusters.probe_queries);
+  std::printf("clusters: %d query x %d key per head, k-means %d iterations, EAR probe %d sampled queries%s per "
+              "cluster\n\n",
+              clusters.clusters_q, clusters.clusters_k, clusters.kmeans_iterations, clusters.probe_queries,
+              clusters.probe_mean ? " + the mean query" : "");
   std::printf("%-14s %-12s %-9s %-6s %9s %9s %11s %9s %10s\n", "method", "policy", "compens.", "budget", "requested",
               "density",
               "rel_l2", "cosine", "time_ms");

@@ -20,7 +20,7 @@ struct MethodOptions {
   std::string budget_scope;  // empty: the method's own
 };
 
-// Adds --clusters-q, --clusters-k, --kmeans-iters, --warm-iters, --probe-queries, --seed,
+// Adds --clusters-q, --clusters-k, --kmeans-iters, --warm-iters, --probe-queries, --probe-mean, --seed,
 // --init, --policy, --compensation (and, with `with_budget`, --density and --top-p).
 void add_method_options(CLI::App& command, MethodOptions& options, bool with_budget);
 

@@ -53,7 +53,12 @@ struct MethodConfig {
   int kmeans_iterations = 20;       // cold start (no cached centroids)
   int kmeans_warm_iterations = 2;   // warm start from the centroids of the previous step
   KmeansInit kmeans_init = KmeansInit::kmeans_plus_plus;
-  int probe_queries = 4;            // EAR probe: sampled queries per query cluster
+  int probe_queries = 4;            // EAR probe: sampled queries per query cluster (0: only the mean)
+  // EAR probe: one more probe row per query cluster, the cluster's mean query (rounded to the
+  // input's dtype). CPU path only so far; the CUDA path rejects it. On the quality model's
+  // captures and the built-in workload the mean row alone ranks blocks better than 4 sampled
+  // queries, with a quarter of the probe rows (docs/ALGORITHMS.md).
+  bool probe_mean = false;
   std::uint64_t seed = 0;
 
   // How the CUDA path returns (no effect on the CPU path). true: it synchronizes the stream once

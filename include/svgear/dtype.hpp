@@ -24,6 +24,9 @@ std::uint16_t float_to_half(float value);
 float bf16_to_float(std::uint16_t bits);
 std::uint16_t float_to_bf16(float value);
 
+// `value` rounded to `dtype` (nearest even), as float: what storing it in that dtype keeps.
+float round_to_dtype(float value, DType dtype);
+
 // Reads element `index` of a buffer of `dtype` as float.
 float load_as_float(const void* data, DType dtype, std::int64_t index);
 // Writes `value` (rounded to `dtype`) into element `index`.

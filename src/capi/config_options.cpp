@@ -72,6 +72,7 @@ const std::map<std::string, Setter, std::less<>>& setters() {
       {"kmeans_iters", [](MethodConfig& c, auto key, auto v) { c.kmeans_iterations = parse_int(key, v); }},
       {"warm_iters", [](MethodConfig& c, auto key, auto v) { c.kmeans_warm_iterations = parse_int(key, v); }},
       {"probe_queries", [](MethodConfig& c, auto key, auto v) { c.probe_queries = parse_int(key, v); }},
+      {"probe_mean", [](MethodConfig& c, auto key, auto v) { c.probe_mean = parse_bool(key, v); }},
       {"seed",
        [](MethodConfig& c, auto key, auto v) {
          const long long seed = parse_integer(key, v);
@@ -114,6 +115,7 @@ std::string describe(const MethodConfig& config) {
       {"kmeans_iters", config.kmeans_iterations},
       {"warm_iters", config.kmeans_warm_iterations},
       {"probe_queries", config.probe_queries},
+      {"probe_mean", config.probe_mean},
       {"init", config.kmeans_init == KmeansInit::strided ? "strided" : "kmeans++"},
       {"seed", config.seed},
       {"synchronize", config.synchronize},

@@ -111,9 +111,12 @@ void validate(const MethodConfig& config) {
   require(config.kmeans_warm_iterations >= 1 && config.kmeans_warm_iterations <= 1000,
           "warm k-means iterations must be in [1, 1000], got " +
               std::to_string(config.kmeans_warm_iterations));
-  require(config.probe_queries >= 1 && config.probe_queries <= 4096,
-          "probe queries per cluster must be in [1, 4096], got " +
+  require(config.probe_queries >= 0 && config.probe_queries <= 4096,
+          "probe queries per cluster must be in [0, 4096], got " +
               std::to_string(config.probe_queries));
+  require(config.probe_queries >= 1 || config.probe_mean,
+          "the EAR probe needs a probe row per query cluster: set probe_queries to at least 1 or turn on "
+          "probe_mean");
 }
 
 }  // namespace svgear

@@ -76,6 +76,15 @@ std::uint16_t float_to_half(float value) {
   return sign | std::uint16_t(result);
 }
 
+float round_to_dtype(float value, DType dtype) {
+  switch (dtype) {
+    case DType::f32: return value;
+    case DType::f16: return half_to_float(float_to_half(value));
+    case DType::bf16: return bf16_to_float(float_to_bf16(value));
+  }
+  return value;
+}
+
 float load_as_float(const void* data, DType dtype, std::int64_t index) {
   switch (dtype) {
     case DType::f32: return static_cast<const float*>(data)[index];

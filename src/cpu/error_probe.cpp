@@ -11,8 +11,7 @@ namespace svgear::cpu {
 std::vector<double> probe_compensation_error(const float* qp, const float* kp, const float* vp,
                                              std::int64_t d, const ClusterLayout& queries,
                                              const ClusterLayout& keys,
-                                             const KeyClusterSummary& summary,
-                                             int probes_per_cluster) {
+                                             const KeyClusterSummary& summary, const ProbeRows& rows) {
   const int cq = queries.clusters();
   const int ck = keys.clusters();
   const std::int64_t sk = std::int64_t(keys.order.size());
@@ -30,11 +29,13 @@ std::vector<double> probe_compensation_error(const float* qp, const float* kp, c
     for (int i = 0; i < cq; ++i) {
       const std::int64_t size = queries.size(i);
       if (size == 0) continue;
-      const std::int64_t probes = std::min<std::int64_t>(probes_per_cluster, size);
+      const std::int64_t sampled = std::min<std::int64_t>(rows.sampled_per_cluster, size);
+      const std::int64_t probes = sampled + (rows.cluster_queries != nullptr ? 1 : 0);
       double* row_error = &error[std::size_t(i) * std::size_t(ck)];
       for (std::int64_t p = 0; p < probes; ++p) {
-        const std::int64_t position = queries.offsets[std::size_t(i)] + (2 * p + 1) * size / (2 * probes);
-        const float* query = qp + position * d;
+        const float* query =
+            p < sampled ? qp + (queries.offsets[std::size_t(i)] + (2 * p + 1) * size / (2 * sampled)) * d
+                        : rows.cluster_queries + std::int64_t(i) * d;
         double row_max = -std::numeric_limits<double>::infinity();
         for (std::int64_t key = 0; key < sk; ++key) {
           logits[std::size_t(key)] = double(dot(query, kp + key * d, d)) * scale_factor;

@@ -11,16 +11,23 @@
 
 namespace svgear::cpu {
 
-// Returns [C_q * C_k]: for block (i, j), n^Q_i times the mean over probe queries q of
-// ||o_j'(q) - o(q)||^2, where o is q's exact output and o_j' its output with only key cluster
+// The probe rows of each query cluster.
+struct ProbeRows {
+  // Members at evenly spaced positions of the cluster (all members when it is smaller):
+  // deterministic, no seed needed.
+  int sampled_per_cluster = 4;
+  // [C_q][d]: one more row per non-empty cluster, the given vector (the cluster's mean query),
+  // or nullptr for none.
+  const float* cluster_queries = nullptr;
+};
+
+// Returns [C_q * C_k]: for block (i, j), n^Q_i times the mean over the probe rows q of cluster i
+// of ||o_j'(q) - o(q)||^2, where o is q's exact output and o_j' its output with only key cluster
 // j replaced by (n_j, mu_j, vbar_j). Squared errors because the quality metric is the L2 norm
 // of the whole output and errors of different blocks are treated as uncorrelated, so they add.
-// Probe queries are `probes_per_cluster` members of each cluster at evenly spaced positions
-// (all members when the cluster is smaller): deterministic, no seed needed.
 std::vector<double> probe_compensation_error(const float* qp, const float* kp, const float* vp,
                                              std::int64_t d, const ClusterLayout& queries,
                                              const ClusterLayout& keys,
-                                             const KeyClusterSummary& summary,
-                                             int probes_per_cluster);
+                                             const KeyClusterSummary& summary, const ProbeRows& rows);
 
 }  // namespace svgear::cpu

@@ -203,6 +203,10 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
                           const TensorView* lse) {
   if (state != nullptr) cuda::synchronize(*state);  // an earlier asynchronous call's error comes first
   validate_attention_inputs(q, k, v, out, config, lse);
+  if (config.probe_mean) {
+    throw Error("probe_mean (the EAR probe's mean-query rows) is not on the CUDA path yet: leave it off for CUDA "
+                "tensors (probe_queries >= 1), or run on CPU tensors");
+  }
   // A plan export reads the plan back, so it synchronizes whatever the config says.
   const bool synchronous = config.synchronize || plan != nullptr;
   if (!synchronous && state == nullptr) {

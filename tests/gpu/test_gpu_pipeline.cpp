@@ -241,6 +241,15 @@ TEST(GpuPipeline, RejectsWhatTheCudaPathCannotTake) {
   TensorView strided = gpu.view[0];
   strided.strides[3] = 2;
   expect_error(strided, "last axis");
+  // The probe's mean-query rows are CPU-only so far: a clear error, not a silently different probe.
+  MethodConfig mean_probe = preset(Method::ear);
+  mean_probe.probe_mean = true;
+  try {
+    attention(gpu.view[0], gpu.view[1], gpu.view[2], gpu.view[3], mean_probe);
+    ADD_FAILURE() << "no error for probe_mean";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("probe_mean"), std::string::npos) << e.what();
+  }
 }
 
 TEST(GpuPipeline, NonFiniteInputIsReported) {

@@ -462,7 +462,8 @@ TEST_P(GpuProbe, MatchesCpuWithinOnePerMilleOfTheLargestError) {
     for (int j = 0; j < c.ck; ++j) sizes.push_back(kl.heads[std::size_t(bh)].size(j));
     const cpu::KeyClusterSummary summary{km.data(), vm.data(), sizes.data()};
     const std::vector<double> head_error = cpu::probe_compensation_error(
-        qp.data(), kp.data(), vp.data(), c.d, ql.heads[std::size_t(bh)], kl.heads[std::size_t(bh)], summary, c.probes);
+        qp.data(), kp.data(), vp.data(), c.d, ql.heads[std::size_t(bh)], kl.heads[std::size_t(bh)], summary,
+        cpu::ProbeRows{c.probes, nullptr});
     want.insert(want.end(), head_error.begin(), head_error.end());
     key_means.insert(key_means.end(), km.begin(), km.end());
     value_means.insert(value_means.end(), vm.begin(), vm.end());

@@ -211,3 +211,12 @@ def test_any_dlpack_producer_round_trips():
     assert back.data_ptr() == out.array.ctypes.data
     with pytest.raises(TypeError, match="pass out="):
         svgear.attention(DLPackOnly(q), DLPackOnly(k), DLPackOnly(v), method="dense", layout="bhsd")
+
+
+def test_probe_rows_options():
+    q, k, v = random_qkv()
+    out = svgear.attention(q, k, v, density=0.3, layout="bhsd", probe_queries=0, probe_mean=True, **SMALL)
+    assert out.shape == q.shape and np.isfinite(out).all()
+    assert svgear.describe("ear", probe_queries=0, probe_mean=True)["probe_mean"] is True
+    with pytest.raises(ValueError, match="probe_mean"):  # no probe row at all
+        svgear.attention(q, k, v, density=0.3, layout="bhsd", probe_queries=0, **SMALL)

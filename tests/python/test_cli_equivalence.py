@@ -38,6 +38,7 @@ def read_safetensors(path):
     ("svg2", {"density": 0.3}),
     ("svg2", {"top_p": 0.9}),
     ("ear", {"density": 0.15, "budget_scope": "head", "init": "strided"}),
+    ("ear", {"density": 0.2, "probe_queries": 0, "probe_mean": True}),
 ])
 def test_python_equals_cli_on_the_same_file(tmp_path, cli, method, options, dtype):
     qkv = tmp_path / "qkv.safetensors"
@@ -45,7 +46,8 @@ def test_python_equals_cli_on_the_same_file(tmp_path, cli, method, options, dtyp
                     "--heads", "2", "--head-dim", "32", "--dtype", dtype], check=True, capture_output=True)
     flags = ["--clusters-q", "8", "--clusters-k", "16"]
     for key, value in options.items():
-        flags += ["--" + key.replace("_", "-"), str(value)]
+        flag = "--" + key.replace("_", "-")
+        flags += [flag] if value is True else [flag, str(value)]
     out_file = tmp_path / "out.safetensors"
     run = subprocess.run([str(cli), "eval", "--input", str(qkv), "--method", method, "--json",
                           "--output", str(out_file)] + flags, check=True, capture_output=True, text=True)

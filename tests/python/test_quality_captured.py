@@ -3,10 +3,11 @@
 the CLI (`svgear eval --json`), at densities 0.1, 0.2 and 0.3: in the mean over the files, and on
 most files.
 
-Not on every file: on the current model's layer 4 at step 5 EAR loses at densities 0.2 and 0.3
-(rel. L2 0.083 vs 0.070, 0.056 vs 0.035; with --probe-queries 8 it wins, 0.049 and 0.023). Its
-4 probe queries per query cluster (of ~36 queries at these 1152 tokens) miss errors there. The
-earlier model's captures had no such file; docs/QUALITY.md lists every file's errors.
+Not on every file: on the current model's layer 4 at step 20 EAR loses at densities 0.2 and 0.3
+(rel. L2 0.140 vs 0.109, 0.111 vs 0.050). Its 4 sampled probe queries per query cluster (of ~36
+queries at these 1152 tokens) miss errors there; with --probe-queries 8 (0.075, 0.045) or the
+mean-query probe (--probe-queries 0 --probe-mean: 0.034, 0.017) it wins. docs/QUALITY.md lists
+every file's errors, docs/ALGORITHMS.md compares the probe's rows.
 
 SVGEAR_QUALITY_QKV_DIR overrides the folder, SVGEAR_BIN the binary (default build/bin/svgear).
 """
