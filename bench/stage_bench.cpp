@@ -143,7 +143,7 @@ int main(int argc, char** argv) {
   int clusters_q = 256, clusters_k = 1024, probes = 4, cold_iterations = 10, warm_iterations = 2, repeats = 10,
       warmup = 2;
   double density = 0.12;
-  bool random = false;
+  bool random = false, probe_mean = false;
   std::uint64_t seed = 0;
   app.add_option("--batch", shape.batch)->capture_default_str();
   app.add_option("--heads", shape.heads)->capture_default_str();
@@ -154,6 +154,7 @@ int main(int argc, char** argv) {
   app.add_option("--clusters-q", clusters_q)->capture_default_str();
   app.add_option("--clusters-k", clusters_k)->capture_default_str();
   app.add_option("--probe-queries", probes)->capture_default_str();
+  app.add_flag("--probe-mean", probe_mean, "EAR probe: one more row per query cluster, its mean query");
   app.add_option("--cold-iterations", cold_iterations)->capture_default_str();
   app.add_option("--warm-iterations", warm_iterations)->capture_default_str();
   app.add_option("--density", density, "Selection density")->capture_default_str();
@@ -171,9 +172,9 @@ int main(int argc, char** argv) {
     check_cuda(cudaGetDevice(&device), "cudaGetDevice");
     check_cuda(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
     std::printf("device: %s (%d SMs)\n", prop.name, prop.multiProcessorCount);
-    std::printf("inputs: %s, B=%d H=%d S=%lld D=%d, Cq=%d Ck=%d, %d probes per query cluster\n",
+    std::printf("inputs: %s, B=%d H=%d S=%lld D=%d, Cq=%d Ck=%d, %d sampled probes%s per query cluster\n",
                 random ? "random" : "built-in workload", shape.batch, shape.heads, static_cast<long long>(s), d,
-                clusters_q, clusters_k, probes);
+                clusters_q, clusters_k, probes, probe_mean ? " + the mean query" : "");
     std::fflush(stdout);
 
     const auto host = make_inputs(shape, random, seed);
@@ -282,7 +283,8 @@ int main(int argc, char** argv) {
     });
     const cuda::DeviceKeySummary summary{key_means.get(), value_means.get(), kc.counts.get()};
     run("EAR probe", probe_flop, nullptr, [&] {
-      cuda::probe_compensation_error(q, k, v, qc.layout(), kc.layout(), summary, probes, scores.get(), stream);
+      cuda::probe_compensation_error(q, k, v, qc.layout(), kc.layout(), summary, probes, probe_mean, scores.get(),
+                                     stream);
     });
     const cuda::DeviceBlockGrid grid{bh, clusters_q, clusters_k, s, s, qc.offsets.get(), kc.offsets.get()};
     const cuda::DeviceBlockSelection selection{selected_offsets.get(), selected.get(), compensated_offsets.get(),

@@ -78,12 +78,14 @@ int main(int argc, char** argv) {
   WorkloadShape shape;
   double density = 0.12;
   int clusters_q = 256, clusters_k = 1024, repeats = 10, probes = 4;
+  bool probe_mean = false;
   std::string dump;
   cli::add_workload_options(app, shape, "");
   app.add_option("--density", density)->capture_default_str();
   app.add_option("--clusters-q", clusters_q)->capture_default_str();
   app.add_option("--clusters-k", clusters_k)->capture_default_str();
   app.add_option("--probe-queries", probes)->capture_default_str();
+  app.add_flag("--probe-mean", probe_mean, "EAR probe: one more row per query cluster, its mean query");
   app.add_option("--repeats", repeats)->capture_default_str();
   app.add_option("--dump", dump, "Folder for q/k/v, the EAR selection and result.json")->required();
   CLI11_PARSE(app, argc, argv);
@@ -114,6 +116,7 @@ int main(int argc, char** argv) {
       c->clusters_q = clusters_q;
       c->clusters_k = clusters_k;
       c->probe_queries = probes;
+      c->probe_mean = probe_mean;
     }
     std::printf("timing dense, EAR, SVG2 (%d repeats each)\n", repeats);
     std::fflush(stdout);

@@ -29,7 +29,7 @@ void add_method_options(CLI::App& command, MethodOptions& options, bool with_bud
                      "EAR probe: sampled queries per query cluster (0: only the mean query, with --probe-mean)")
       ->capture_default_str();
   command.add_flag("--probe-mean,!--no-probe-mean", d.probe_mean,
-                   "EAR probe: also probe each query cluster with its mean query (CPU path only so far)")
+                   "EAR probe: also probe each query cluster with its mean query")
       ->capture_default_str();
   command.add_option("--min-key-fraction", d.min_key_fraction,
                      "SVG2 top-p mode: at least this fraction of key clusters per query cluster")

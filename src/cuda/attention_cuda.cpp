@@ -203,10 +203,6 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
                           const TensorView* lse) {
   if (state != nullptr) cuda::synchronize(*state);  // an earlier asynchronous call's error comes first
   validate_attention_inputs(q, k, v, out, config, lse);
-  if (config.probe_mean) {
-    throw Error("probe_mean (the EAR probe's mean-query rows) is not on the CUDA path yet: leave it off for CUDA "
-                "tensors (probe_queries >= 1), or run on CPU tensors");
-  }
   // A plan export reads the plan back, so it synchronizes whatever the config says.
   const bool synchronous = config.synchronize || plan != nullptr;
   if (!synchronous && state == nullptr) {
@@ -307,7 +303,8 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
     scores = DeviceBuffer<float>(std::size_t(bh * cq * ck), stream);
     const DeviceKeySummary summary{key_means, value_means.get(), k_counts.get()};
     if (config.policy == SelectionPolicyKind::error_aware) {
-      probe_compensation_error(qh, kh, vh, q_layout, k_layout, summary, config.probe_queries, scores.get(), stream);
+      probe_compensation_error(qh, kh, vh, q_layout, k_layout, summary, config.probe_queries, config.probe_mean,
+                               scores.get(), stream);
     } else {
       centroid_criticality(cache->q, key_means, k_counts.get(), bh, cq, ck, d, scores.get(), stream);
     }

@@ -15,7 +15,7 @@
 // 1024 probe rows at S = 32K fill the GPU several times over. With P in fp16 (relative rounding
 // <= 2^-11) the sums a_j carry ~11 bits per term, averaging down over a cluster's keys; the error
 // of the well-compensated blocks stays far below 1e-3 of a head's largest (the test bound).
-// Deterministic for probes_per_cluster <= 128: every (query cluster, key cluster) error gets at
+// Deterministic for at most 128 rows per query cluster: every (query cluster, key cluster) error gets at
 // most two float additions onto zero (the query cluster's rows span at most two row blocks,
 // and one chunk owns each key cluster), and two additions onto zero commute.
 #include <algorithm>
@@ -36,13 +36,15 @@ namespace {
 using namespace detail;
 using probe::Args;
 
-// The probe rows of each head, cluster after cluster: probe p of cluster i (p < probes_i =
-// min(probes, size_i)) is the query at permuted position offsets[i] + (2p+1) size_i / (2 probes_i).
-// Also the key chunks of sweep 2: chunk c starts at the first key cluster whose keys start at
+// The probe rows of each head, cluster after cluster: probe p of cluster i (p < sampled_i =
+// min(probes, size_i)) is the query at permuted position offsets[i] + (2p+1) size_i / (2 sampled_i);
+// with mean_row, a non-empty cluster's last row is its mean query, listed with token -1 (the
+// caller builds it, mean_probe_rows). Also the key chunks of sweep 2: chunk c starts at the first key cluster whose keys start at
 // or after c * Sk / chunks, so chunks hold whole clusters and about equal numbers of keys.
 __global__ void __launch_bounds__(256)
     list_probe_rows(const std::int32_t* q_order, const std::int32_t* q_offsets, std::int64_t sq, int query_clusters,
-                    int probes, std::int64_t row_capacity, std::int32_t* row_token, std::int32_t* row_cluster,
+                    int probes, int mean_row, std::int64_t row_capacity, std::int32_t* row_token,
+                    std::int32_t* row_cluster,
                     std::int32_t* row_count, const std::int32_t* k_offsets, std::int64_t sk, int key_clusters,
                     int cluster_chunks, std::int32_t* chunk_clusters) {
   using Scan = cub::BlockScan<std::int64_t, 256>;
@@ -52,17 +54,22 @@ __global__ void __launch_bounds__(256)
   std::int64_t carry = 0;
   for (int i0 = 0; i0 < query_clusters; i0 += 256) {
     const int i = i0 + threadIdx.x;
-    std::int64_t size = 0, count = 0;
+    std::int64_t size = 0, sampled = 0, count = 0;
     if (i < query_clusters) {
       size = std::max<std::int64_t>(0, std::int64_t(offsets[i + 1]) - offsets[i]);
-      count = std::min<std::int64_t>(probes, size);
+      sampled = std::min<std::int64_t>(probes, size);
+      count = sampled + (size > 0 ? mean_row : 0);
     }
     std::int64_t first = 0, total = 0;
     Scan(storage).ExclusiveSum(count, first, total);
     first += carry;
     for (std::int64_t p = 0; p < count && first + p < row_capacity; ++p) {
-      const std::int64_t position = offsets[i] + (2 * p + 1) * size / (2 * count);
-      row_token[bh * row_capacity + first + p] = q_order[bh * sq + position];
+      if (p < sampled) {
+        const std::int64_t position = offsets[i] + (2 * p + 1) * size / (2 * sampled);
+        row_token[bh * row_capacity + first + p] = q_order[bh * sq + position];
+      } else {
+        row_token[bh * row_capacity + first + p] = -1;  // the mean query
+      }
       row_cluster[bh * row_capacity + first + p] = i;
     }
     carry += total;
@@ -87,6 +94,48 @@ __global__ void __launch_bounds__(256)
       j = c == 0 ? 0 : lo;
     }
     chunk_clusters[bh * (cluster_chunks + 1) + c] = j;
+  }
+}
+
+// With mean rows: the probe rows' queries as their own [BH][row_capacity][D] tensor, so the sweeps
+// read them through the identity row_token this kernel leaves. A sampled row copies its token's
+// q; a mean row is its cluster's mean query, summed in double over the members in permuted order
+// and rounded to E, as cpu::cluster_means and the CPU pipeline do, so both paths probe the same
+// vector bit for bit. Rows past the head's count are zeros. One warp per row.
+template <class E, int D>
+__global__ void mean_probe_rows(DeviceTensor q, int heads, std::int64_t sq, std::int64_t heads_total,
+                                const std::int32_t* q_order, const std::int32_t* q_offsets, int query_clusters,
+                                std::int64_t row_capacity, std::int32_t* row_token, const std::int32_t* row_cluster,
+                                const std::int32_t* row_count, E* rows_out) {
+  const int lane = threadIdx.x % 32;
+  const std::int64_t warps = std::int64_t(gridDim.x) * (blockDim.x / 32);
+  for (std::int64_t w = (blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x) / 32; w < heads_total * row_capacity;
+       w += warps) {
+    const std::int64_t bh = w / row_capacity, r = w % row_capacity;
+    const HeadRows<E> q_rows = head_rows<E>(q, heads, bh);
+    double sum[D / 32] = {};
+    if (r < row_count[bh]) {
+      const std::int32_t token = row_token[w];
+      if (token >= 0) {
+#pragma unroll
+        for (int e = 0; e < D / 32; ++e) sum[e] = Element<E>::to_float(q_rows.row(token)[lane + 32 * e]);
+      } else {
+        const std::int32_t* offsets = q_offsets + bh * (query_clusters + 1);
+        const std::int32_t cluster = row_cluster[w];
+        const std::int64_t begin = offsets[cluster], end = offsets[cluster + 1];
+        for (std::int64_t p = begin; p < end; ++p) {
+          const E* row = q_rows.row(q_order[bh * sq + p]);
+#pragma unroll
+          for (int e = 0; e < D / 32; ++e) sum[e] += double(Element<E>::to_float(row[lane + 32 * e]));
+        }
+#pragma unroll
+        for (int e = 0; e < D / 32; ++e) sum[e] = double(float(sum[e] / double(end - begin)));
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < D / 32; ++e) rows_out[w * D + lane + 32 * e] = Element<E>::from_float(float(sum[e]));
+    __syncwarp();  // every lane has read row_token[w] before lane 0 replaces it
+    if (lane == 0) row_token[w] = std::int32_t(r);
   }
 }
 
@@ -125,7 +174,7 @@ __global__ void scaled_values_kernel(DeviceTensor v, int heads, std::int64_t tok
 
 void validate_probe_inputs(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
                            const DeviceLayout& queries, const DeviceLayout& keys, const DeviceKeySummary& summary,
-                           int probes, const float* error) {
+                           int probes, bool mean_row, const float* error) {
   validate_heads(q, "q");
   validate_heads(k, "k");
   validate_heads(v, "v");
@@ -151,8 +200,10 @@ void validate_probe_inputs(const DeviceHeads& q, const DeviceHeads& k, const Dev
   if (reinterpret_cast<std::uintptr_t>(summary.value_means) % 16 != 0) {
     throw Error("probe_compensation_error: summary.value_means must be 16-byte aligned (a whole cudaMalloc'd array)");
   }
-  if (probes < 1)
-    throw Error("probe_compensation_error: probes_per_cluster must be >= 1, got " + std::to_string(probes));
+  if (probes < 0 || probes > 4096 || (probes == 0 && !mean_row)) {
+    throw Error("probe_compensation_error: probes_per_cluster must be in [1, 4096] (or 0 with the mean row), got " +
+                std::to_string(probes));
+  }
 }
 
 // How many chunks to split the keys into: among counts giving between 2 and 8 waves of `slots`
@@ -196,10 +247,12 @@ void allow_shared_memory(Kernel kernel, std::size_t smem, const char* what) {
 
 template <class E, int D>
 void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v, const DeviceLayout& queries,
-               const DeviceLayout& keys, const DeviceKeySummary& summary, int probes, float* error, cudaStream_t s) {
+               const DeviceLayout& keys, const DeviceKeySummary& summary, int probes, bool mean_row, float* error,
+               cudaStream_t s) {
   const std::int64_t heads_total = q.count();
   const int cq = queries.clusters, ck = keys.clusters;
-  const std::int64_t capacity = std::min<std::int64_t>(std::int64_t(cq) * probes, q.tokens);
+  // Sampled rows are distinct tokens (at most Sq of them); a mean row is one more per cluster.
+  const std::int64_t capacity = std::min<std::int64_t>(std::int64_t(cq) * probes, q.tokens) + (mean_row ? cq : 0);
   const int row_blocks = int((capacity + probe::kRows - 1) / probe::kRows);
   const std::int64_t key_tiles = (k.tokens + probe::kKeys - 1) / probe::kKeys;
 
@@ -222,9 +275,23 @@ void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
   DeviceBuffer<std::int32_t> row_count(std::size_t(heads_total), s);
   DeviceBuffer<std::int32_t> chunk_clusters(std::size_t(heads_total * (cluster_chunks + 1)), s);
   list_probe_rows<<<unsigned(heads_total), 256, 0, s>>>(
-      queries.order, queries.offsets, q.tokens, cq, probes, capacity, row_token.get(), row_cluster.get(),
-      row_count.get(), keys.offsets, k.tokens, ck, cluster_chunks, chunk_clusters.get());
+      queries.order, queries.offsets, q.tokens, cq, probes, mean_row ? 1 : 0, capacity, row_token.get(),
+      row_cluster.get(), row_count.get(), keys.offsets, k.tokens, ck, cluster_chunks, chunk_clusters.get());
   check_launch("list_probe_rows");
+
+  // With mean rows the sweeps read the probe queries from their own tensor (mean_probe_rows);
+  // without, straight from q through the tokens.
+  DeviceTensor probe_q = q.tensor;
+  bool probe_q_aligned = rows_aligned_16(q);
+  DeviceBuffer<E> mean_rows(mean_row ? std::size_t(heads_total * capacity * D) : 0, s);
+  if (mean_row) {
+    mean_probe_rows<E, D><<<grid_for(heads_total * capacity * 32, 256), 256, 0, s>>>(
+        q.tensor, q.heads, q.tokens, heads_total, queries.order, queries.offsets, cq, capacity, row_token.get(),
+        row_cluster.get(), row_count.get(), mean_rows.get());
+    check_launch("mean_probe_rows");
+    probe_q = DeviceTensor{mean_rows.get(), std::int64_t(q.heads) * capacity * D, capacity * D, D};
+    probe_q_aligned = true;  // whole rows of 64 or 128 16-bit elements from one allocation
+  }
 
   DeviceBuffer<unsigned> value_max(std::size_t(heads_total), s);
   zero_async(value_max.get(), value_max.size(), s, "cudaMemsetAsync (probe value max)");
@@ -242,12 +309,12 @@ void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
   DeviceBuffer<float> part_state(std::size_t(heads_total * exact_chunks * capacity * (2 + D)), s);
   DeviceBuffer<float> row_state(std::size_t(heads_total * capacity * (2 + D)), s);
   Args<E> a{};
-  a.q = q.tensor;
+  a.q = probe_q;
   a.k = k.tensor;
   a.heads = q.heads;
-  a.sq = q.tokens;
+  a.sq = mean_row ? capacity : q.tokens;
   a.sk = k.tokens;
-  a.q_aligned = rows_aligned_16(q);
+  a.q_aligned = probe_q_aligned;
   a.k_aligned = rows_aligned_16(k);
   a.values = values.get();
   a.value_abs_max = value_max.get();
@@ -262,6 +329,7 @@ void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
   a.row_capacity = capacity;
   a.row_blocks = row_blocks;
   a.probes = probes;
+  a.mean_row = mean_row ? 1 : 0;
   a.exact_chunks = exact_chunks;
   const std::int64_t parts = heads_total * exact_chunks * capacity;
   a.part_max = part_state.get();
@@ -294,13 +362,14 @@ void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
 
 void probe_compensation_error(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
                               const DeviceLayout& queries, const DeviceLayout& keys, const DeviceKeySummary& summary,
-                              int probes_per_cluster, float* error, void* stream) {
-  validate_probe_inputs(q, k, v, queries, keys, summary, probes_per_cluster, error);
+                              int probes_per_cluster, bool mean_row, float* error, void* stream) {
+  validate_probe_inputs(q, k, v, queries, keys, summary, probes_per_cluster, mean_row, error);
   const cudaStream_t s = as_stream(stream);
   zero_async(error, std::size_t(q.count()) * std::size_t(queries.clusters) * std::size_t(keys.clusters), s,
              "cudaMemsetAsync (probe error)");
   dispatch_element_and_dim(q.dtype, q.head_dim, [&](auto element, auto dim) {
-    run_probe<decltype(element), decltype(dim)::value>(q, k, v, queries, keys, summary, probes_per_cluster, error, s);
+    run_probe<decltype(element), decltype(dim)::value>(q, k, v, queries, keys, summary, probes_per_cluster, mean_row,
+                                                        error, s);
   });
 }
 

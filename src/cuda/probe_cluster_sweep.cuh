@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
     if (cluster >= 0) {
       const std::int32_t* q_offsets = a.q_offsets + bh * (a.query_clusters + 1);
       const std::int64_t size = q_offsets[cluster + 1] - q_offsets[cluster];
-      weight = float(double(size) / double(std::min<std::int64_t>(a.probes, size)));
+      weight = float(double(size) / double(std::min<std::int64_t>(a.probes, size) + a.mean_row));
     }
     sh.row_cluster[r] = cluster;
     sh.row_weight[r] = weight;

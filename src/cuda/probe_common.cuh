@@ -44,7 +44,8 @@ struct Args {
   const std::int32_t* row_count;    // [BH]
   std::int64_t row_capacity;
   int row_blocks;  // ceil(row_capacity / kRows)
-  int probes;
+  int probes;      // sampled rows per query cluster (at most)
+  int mean_row;    // 1: each non-empty query cluster has one more row, its mean query
 
   // Sweep 1 writes one softmax state per (row, key chunk); the combine merges them.
   int exact_chunks;

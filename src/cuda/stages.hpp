@@ -113,17 +113,19 @@ void centroid_criticality(const float* q_centroids, const float* key_means, cons
 // 5. The EAR probe (cpu::probe_compensation_error): error[bh][i][j] = (n^Q_i / probes_i) *
 //    sum over probe queries q of cluster i of ||o_j'(q) - o(q)||^2; 0 for empty clusters.
 //    Probe p of cluster i is the query at permuted position offsets[i] + (2p+1) size / (2
-//    probes_i), probes_i = min(probes_per_cluster, size). Two sweeps over each head's keys on
+//    sampled_i), sampled_i = min(probes_per_cluster, size); with mean_row one more, the
+//    cluster's mean query (double sum, rounded to q's dtype, as the CPU pipeline builds it), so
+//    probes_i = sampled_i + 1. Two sweeps over each head's keys on
 //    tensor cores, both split across CTAs by key chunks: the exact row max, denominator and
 //    output first, then per key cluster its mass and sum of exp * v against its centroid
 //    stand-in. P V runs on fp16 operands (P to 11 bits; v scaled per head by a power of two into
 //    fp16's range), so errors carry relative noise of ~1e-4 of a head's largest. Deterministic
-//    for probes_per_cluster <= 128 (larger values add partial sums of one block with float
+//    for probes_i <= 128 (larger values add partial sums of one block with float
 //    atomics). q and k/v may have different token counts; k and v share the key layout;
 //    summary.value_means must be 16-byte aligned.
 void probe_compensation_error(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
                               const DeviceLayout& queries, const DeviceLayout& keys, const DeviceKeySummary& summary,
-                              int probes_per_cluster, float* error, void* stream);
+                              int probes_per_cluster, bool mean_row, float* error, void* stream);
 
 // ---------------------------------------------------------------------------------------------
 // 6. Selection (src/policy/budget_selection.cpp), per call or per head, into the attention

@@ -424,11 +424,13 @@ struct ProbeCase {
   double scale;  // logit range
   DType dtype;
   double value_scale = 1.0;  // standard deviation of v (fp16 overflow and underflow ranges)
+  bool mean_row = false;     // one more probe row per query cluster: its mean query
 };
 
 std::ostream& operator<<(std::ostream& os, const ProbeCase& c) {
   return os << "B" << c.batch << " H" << c.heads << " Sq" << c.sq << " Sk" << c.sk << " D" << c.d << " Cq" << c.cq
-            << " Ck" << c.ck << " probes " << c.probes << " " << dtype_name(c.dtype) << " |v| ~ " << c.value_scale;
+            << " Ck" << c.ck << " probes " << c.probes << (c.mean_row ? " + mean" : "") << " "
+            << dtype_name(c.dtype) << " |v| ~ " << c.value_scale;
 }
 
 class GpuProbe : public ::testing::TestWithParam<ProbeCase> {};
@@ -461,9 +463,12 @@ TEST_P(GpuProbe, MatchesCpuWithinOnePerMilleOfTheLargestError) {
     std::vector<std::int64_t> sizes;
     for (int j = 0; j < c.ck; ++j) sizes.push_back(kl.heads[std::size_t(bh)].size(j));
     const cpu::KeyClusterSummary summary{km.data(), vm.data(), sizes.data()};
+    // The mean rows as the CPU pipeline builds them: cluster means rounded to the dtype.
+    std::vector<float> mean_queries = cpu::cluster_means(qp.data(), ql.heads[std::size_t(bh)].offsets, c.d);
+    for (float& x : mean_queries) x = round_to_dtype(x, c.dtype);
     const std::vector<double> head_error = cpu::probe_compensation_error(
         qp.data(), kp.data(), vp.data(), c.d, ql.heads[std::size_t(bh)], kl.heads[std::size_t(bh)], summary,
-        cpu::ProbeRows{c.probes, nullptr});
+        cpu::ProbeRows{c.probes, c.mean_row ? mean_queries.data() : nullptr});
     want.insert(want.end(), head_error.begin(), head_error.end());
     key_means.insert(key_means.end(), km.begin(), km.end());
     value_means.insert(value_means.end(), vm.begin(), vm.end());
@@ -475,7 +480,8 @@ TEST_P(GpuProbe, MatchesCpuWithinOnePerMilleOfTheLargestError) {
   DeviceArray<float> error(want.size());
   cuda::probe_compensation_error(
       q.view, k.view, v.view, {q_order.get(), q_offsets.get(), c.cq}, {k_order.get(), k_offsets.get(), c.ck},
-      {device_key_means.get(), device_value_means.get(), device_counts.get()}, c.probes, error.get(), nullptr);
+      {device_key_means.get(), device_value_means.get(), device_counts.get()}, c.probes, c.mean_row, error.get(),
+      nullptr);
   const auto got = error.download();
   for (int bh = 0; bh < bh_count; ++bh) {
     const auto first = want.begin() + std::int64_t(bh) * c.cq * c.ck;
@@ -502,6 +508,14 @@ INSTANTIATE_TEST_SUITE_P(Large, GpuProbe,
                                            ProbeCase{1, 2, 3000, 5000, 128, 40, 300, 4, 1.5, DType::bf16},
                                            // Query clusters of 100 probe rows across 128-row blocks.
                                            ProbeCase{1, 1, 500, 800, 64, 9, 25, 100, 1.0, DType::f16}));
+// The mean query row: alone (probes 0) or after sampled rows; with empty and one-token clusters.
+INSTANTIATE_TEST_SUITE_P(SmallMeanRow, GpuProbe,
+                         ::testing::Values(ProbeCase{1, 1, 1, 1, 128, 1, 1, 0, 1.0, DType::bf16, 1.0, true},
+                                           ProbeCase{1, 2, 127, 300, 64, 9, 23, 0, 1.0, DType::bf16, 1.0, true}));
+INSTANTIATE_TEST_SUITE_P(LargeMeanRow, GpuProbe,
+                         ::testing::Values(ProbeCase{1, 1, 333, 517, 128, 11, 30, 4, 1.5, DType::f16, 1.0, true},
+                                           ProbeCase{2, 1, 4097, 4097, 128, 64, 200, 0, 1.5, DType::bf16, 1.0, true},
+                                           ProbeCase{1, 1, 500, 800, 64, 9, 25, 100, 1.0, DType::f16, 1.0, true}));
 
 // ---------------------------------------------------------------------------------------------
 // 6. Selection
