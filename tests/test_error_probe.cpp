@@ -136,7 +136,8 @@ void expect_matches(const Problem& p, const std::vector<double>& got,
       for (int j = 0; j < ck; ++j) want[std::size_t(j)] += e[std::size_t(j)];
     }
     for (int j = 0; j < ck; ++j) {
-      const double expected = want[std::size_t(j)] * double(p.queries.size(i)) / double(probe_rows[std::size_t(i)].size());
+      const double weight = double(p.queries.size(i)) / double(probe_rows[std::size_t(i)].size());
+      const double expected = want[std::size_t(j)] * weight;
       // The probe takes q.k in float (rounding ~1e-7 of each logit); a wrong row or weight is off by O(1).
       EXPECT_NEAR(got[std::size_t(i * ck + j)], expected, 1e-9 + 1e-5 * expected) << "block " << i << ", " << j;
     }

@@ -15,8 +15,8 @@
 // 1024 probe rows at S = 32K fill the GPU several times over. With P in fp16 (relative rounding
 // <= 2^-11) the sums a_j carry ~11 bits per term, averaging down over a cluster's keys; the error
 // of the well-compensated blocks stays far below 1e-3 of a head's largest (the test bound).
-// Deterministic for at most 128 rows per query cluster: every (query cluster, key cluster) error gets at
-// most two float additions onto zero (the query cluster's rows span at most two row blocks,
+// Deterministic for at most 128 rows per query cluster: every (query cluster, key cluster) error
+// gets at most two float additions onto zero (the query cluster's rows span at most two row blocks,
 // and one chunk owns each key cluster), and two additions onto zero commute.
 #include <algorithm>
 #include <cmath>
@@ -39,14 +39,14 @@ using probe::Args;
 // The probe rows of each head, cluster after cluster: probe p of cluster i (p < sampled_i =
 // min(probes, size_i)) is the query at permuted position offsets[i] + (2p+1) size_i / (2 sampled_i);
 // with mean_row, a non-empty cluster's last row is its mean query, listed with token -1 (the
-// caller builds it, mean_probe_rows). Also the key chunks of sweep 2: chunk c starts at the first key cluster whose keys start at
-// or after c * Sk / chunks, so chunks hold whole clusters and about equal numbers of keys.
+// caller builds it, mean_probe_rows). Also the key chunks of sweep 2: chunk c starts at the first
+// key cluster whose keys start at or after c * Sk / chunks, so chunks hold whole clusters and
+// about equal numbers of keys.
 __global__ void __launch_bounds__(256)
     list_probe_rows(const std::int32_t* q_order, const std::int32_t* q_offsets, std::int64_t sq, int query_clusters,
                     int probes, int mean_row, std::int64_t row_capacity, std::int32_t* row_token,
-                    std::int32_t* row_cluster,
-                    std::int32_t* row_count, const std::int32_t* k_offsets, std::int64_t sk, int key_clusters,
-                    int cluster_chunks, std::int32_t* chunk_clusters) {
+                    std::int32_t* row_cluster, std::int32_t* row_count, const std::int32_t* k_offsets, std::int64_t sk,
+                    int key_clusters, int cluster_chunks, std::int32_t* chunk_clusters) {
   using Scan = cub::BlockScan<std::int64_t, 256>;
   __shared__ typename Scan::TempStorage storage;
   const std::int64_t bh = blockIdx.x;
