@@ -55,10 +55,10 @@ struct MethodConfig {
   KmeansInit kmeans_init = KmeansInit::kmeans_plus_plus;
   int probe_queries = 4;            // EAR probe: sampled queries per query cluster (0: only the mean)
   // EAR probe: one more probe row per query cluster, the cluster's mean query (rounded to the
-  // input's dtype). On the quality model's captures and the built-in workload the mean row alone
-  // ranks blocks better than 4 sampled queries, with a quarter of the probe rows
-  // (docs/ALGORITHMS.md). The CUDA path builds the same rows; its GPU tests have not run yet
-  // (docs/PERF_NOTES.md), so the default stays off until they have.
+  // input's dtype). On the quality model's captures the mean row alone ranks blocks much better
+  // than 4 sampled queries, with a quarter of the probe rows; on the built-in workload it is
+  // about even (docs/ALGORITHMS.md). The CUDA path builds the same rows; its GPU tests have not
+  // run yet (docs/PERF_NOTES.md), so the default stays off until they have.
   bool probe_mean = false;
   std::uint64_t seed = 0;
 
