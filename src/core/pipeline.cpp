@@ -212,12 +212,8 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
       stats.criticality = cpu::centroid_criticality(q_clusters.centroids.data(), plan.key_means.data(), stats.grid, d);
       if (policy->needs_error_probe()) {
         const cpu::KeyClusterSummary summary{plan.key_means.data(), plan.value_means.data(), stats.grid.k_sizes.data()};
-        // The mean query row is rounded to the input's dtype, as a 16-bit GPU path would hold it.
         std::vector<float> mean_queries;
-        if (config.probe_mean) {
-          mean_queries = cpu::cluster_means(plan.qp.data(), plan.q_layout.offsets, d);
-          for (float& x : mean_queries) x = round_to_dtype(x, q.dtype);
-        }
+        if (config.probe_mean) mean_queries = cpu::mean_probe_queries(plan.qp.data(), plan.q_layout, d, q.dtype);
         const cpu::ProbeRows rows{config.probe_queries, config.probe_mean ? mean_queries.data() : nullptr};
         stats.compensation_error = cpu::probe_compensation_error(plan.qp.data(), plan.kp.data(), plan.vp.data(), d,
                                                                  plan.q_layout, plan.k_layout, summary, rows);

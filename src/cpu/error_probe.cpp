@@ -4,9 +4,16 @@
 #include <cmath>
 #include <limits>
 
+#include "cpu/block_scores.hpp"
 #include "cpu/vector_ops.hpp"
 
 namespace svgear::cpu {
+
+std::vector<float> mean_probe_queries(const float* qp, const ClusterLayout& queries, std::int64_t d, DType dtype) {
+  std::vector<float> means = cluster_means(qp, queries.offsets, d);
+  for (float& x : means) x = round_to_dtype(x, dtype);
+  return means;
+}
 
 std::vector<double> probe_compensation_error(const float* qp, const float* kp, const float* vp,
                                              std::int64_t d, const ClusterLayout& queries,

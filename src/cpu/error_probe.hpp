@@ -8,6 +8,7 @@
 #include "core/blocks.hpp"
 #include "cpu/block_sparse_attention.hpp"
 #include "cpu/permutation.hpp"
+#include "svgear/dtype.hpp"
 
 namespace svgear::cpu {
 
@@ -20,6 +21,10 @@ struct ProbeRows {
   // or nullptr for none.
   const float* cluster_queries = nullptr;
 };
+
+// The mean-query probe rows [C_q][d]: each query cluster's mean of qp (queries in cluster order),
+// rounded to `dtype`, as a 16-bit GPU path holds it (the CUDA probe builds the same vectors).
+std::vector<float> mean_probe_queries(const float* qp, const ClusterLayout& queries, std::int64_t d, DType dtype);
 
 // Returns [C_q * C_k]: for block (i, j), n^Q_i times the mean over the probe rows q of cluster i
 // of ||o_j'(q) - o(q)||^2, where o is q's exact output and o_j' its output with only key cluster

@@ -312,7 +312,6 @@ void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
   a.q = probe_q;
   a.k = k.tensor;
   a.heads = q.heads;
-  a.sq = mean_row ? capacity : q.tokens;
   a.sk = k.tokens;
   a.q_aligned = probe_q_aligned;
   a.k_aligned = rows_aligned_16(k);

@@ -28,7 +28,7 @@ template <class E>
 struct Args {
   DeviceTensor q, k;
   int heads;
-  std::int64_t sq, sk;
+  std::int64_t sk;
   bool q_aligned, k_aligned;
   // v in key-cluster order (row p = v[k_order[p]]), times 2^value_exponent, as fp16: [BH][Sk][D].
   const __half* values;

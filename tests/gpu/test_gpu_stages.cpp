@@ -463,9 +463,7 @@ TEST_P(GpuProbe, MatchesCpuWithinOnePerMilleOfTheLargestError) {
     std::vector<std::int64_t> sizes;
     for (int j = 0; j < c.ck; ++j) sizes.push_back(kl.heads[std::size_t(bh)].size(j));
     const cpu::KeyClusterSummary summary{km.data(), vm.data(), sizes.data()};
-    // The mean rows as the CPU pipeline builds them: cluster means rounded to the dtype.
-    std::vector<float> mean_queries = cpu::cluster_means(qp.data(), ql.heads[std::size_t(bh)].offsets, c.d);
-    for (float& x : mean_queries) x = round_to_dtype(x, c.dtype);
+    const std::vector<float> mean_queries = cpu::mean_probe_queries(qp.data(), ql.heads[std::size_t(bh)], c.d, c.dtype);
     const std::vector<double> head_error = cpu::probe_compensation_error(
         qp.data(), kp.data(), vp.data(), c.d, ql.heads[std::size_t(bh)], kl.heads[std::size_t(bh)], summary,
         cpu::ProbeRows{c.probes, c.mean_row ? mean_queries.data() : nullptr});
