@@ -111,6 +111,8 @@ def main():
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
     parser.add_argument("--density", type=float, default=0.12)
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a minute)")
+    parser.add_argument("--bench-args", default="",
+                        help='more svgear-bench options, e.g. "--probe-queries 0 --probe-mean"')
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     gpu = torch.cuda.get_device_name()
@@ -120,7 +122,7 @@ def main():
         folder = os.path.join("/tmp", "svgear-bench-" + name)
         os.makedirs(folder, exist_ok=True)
         cmd = [args.cli, "--batch", str(b), "--heads", str(h), "--frames", str(f), "--height", str(hh),
-               "--width", str(w), "--head-dim", str(d), "--density", str(args.density), "--dump", folder]
+               "--width", str(w), "--head-dim", str(d), "--density", str(args.density), "--dump", folder] + args.bench_args.split()
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         with open(os.path.join(folder, "result.json")) as fh:
@@ -154,7 +156,7 @@ def main():
     with open(os.path.join(args.out, "bench_results.json"), "w") as fh:
         json.dump({"gpu": gpu, "rows": rows}, fh, indent=1)
     today = datetime.date.today().isoformat()
-    print(f"\n{gpu}, {today}, EAR at requested density {args.density}")
+    print(f"\n{gpu}, {today}, EAR at requested density {args.density} {args.bench_args}".rstrip())
     header = ("shape", "S", "cuDNN ms", "TF/s", "our dense ms", "EAR op ms", "x cuDNN", "kernel TF/s",
               "flex ms", "flex TF/s", "cluster+probe+perm ms", "% cuDNN")
     print(" | ".join(header))
