@@ -5,16 +5,20 @@
 // covers two m16 row blocks so every centroid fragment it reads from shared memory feeds two
 // MMAs (warp_mma_abt_rows). Lloyd's iterations use one 16-bit term of the centroids (labels
 // then differ from float64 distances only where two centroids are within ~2^-8 (bf16) of each
-// other relative to |x||c| / sqrt(D)); the stand-alone assignment keeps two terms.
+// other relative to |x||c| / sqrt(D)); the stand-alone assignment keeps two terms. On Hopper
+// the same assignment runs on wgmma instead (kmeans_assign_sm90.cu, use_sm90_assign()).
 // The update sorts tokens by label (the cluster layout, also the stage's optional output) and
 // reduces each cluster's rows in float64 (cluster_means.cu).
 #include <cmath>
+#include <cstdlib>
 #include <cub/block/block_reduce.cuh>
 #include <string>
 
 #include "cuda/device_common.cuh"
 #include "cuda/mma_tiles.cuh"
+#include "cuda/nearest_centroid.cuh"
 #include "cuda/packed_centroids.cuh"
+#include "cuda/sparse_attention.hpp"
 #include "cuda/stage_internals.cuh"
 
 namespace svgear::cuda {
@@ -48,72 +52,6 @@ __global__ void strided_init_kernel(DeviceTensor tensor, int heads, std::int64_t
     centroids[i] = Element<E>::to_float(head_rows<E>(tensor, heads, bh).row(source)[d]);
   });
 }
-
-// Each thread's running argmin for its 4 rows (row blocks m, rows g and g + 8). Columns arrive
-// in increasing order and strict < keeps the lowest index among ties.
-struct NearestCentroid {
-  float best[kAssignBlocks][2];
-  int index[kAssignBlocks][2];
-
-  __device__ NearestCentroid() {
-#pragma unroll
-    for (int m = 0; m < kAssignBlocks; ++m) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        best[m][h] = INFINITY;
-        index[m][h] = 0;
-      }
-    }
-  }
-
-  // acc = x.c for the warp's 32 rows and the 64 centroids of `tile`; norms = their ||c||^2.
-  __device__ __forceinline__ void take(const float (&acc)[kAssignBlocks][kAssignCentroids / 8][4], int tile,
-                                       int clusters, const float* norms, int q) {
-#pragma unroll
-    for (int nt = 0; nt < kAssignCentroids / 8; ++nt) {
-      const float2 norm = *reinterpret_cast<const float2*>(norms + nt * 8 + 2 * q);
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int c = tile * kAssignCentroids + nt * 8 + 2 * q + e;
-        if (c >= clusters) continue;
-        const float n = e == 0 ? norm.x : norm.y;
-#pragma unroll
-        for (int m = 0; m < kAssignBlocks; ++m) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            // ||x - c||^2 - ||x||^2 = ||c||^2 - 2 x.c
-            const float distance = fmaf(-2.0f, acc[m][nt][2 * h + e], n);
-            if (distance < best[m][h]) {
-              best[m][h] = distance;
-              index[m][h] = c;
-            }
-          }
-        }
-      }
-    }
-  }
-
-  // Quad reduction (the 4 lanes of a row hold different columns) and the label store.
-  __device__ __forceinline__ void store(std::int32_t* labels, std::int64_t first_row, std::int64_t tokens, int lane) {
-#pragma unroll
-    for (int m = 0; m < kAssignBlocks; ++m) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int offset = 1; offset <= 2; offset <<= 1) {
-          const float other = __shfl_xor_sync(0xffffffffu, best[m][h], offset);
-          const int other_index = __shfl_xor_sync(0xffffffffu, index[m][h], offset);
-          if (other < best[m][h] || (other == best[m][h] && other_index < index[m][h])) {
-            best[m][h] = other;
-            index[m][h] = other_index;
-          }
-        }
-        const std::int64_t row = first_row + 16 * m + lane / 4 + 8 * h;
-        if (lane % 4 == 0 && row < tokens) labels[row] = index[m][h];
-      }
-    }
-  }
-};
 
 // labels[bh][row] = argmin_c ||x_row - c||^2 for the CTA's 256 rows. Two CTAs fit an SM with one
 // term (105 KB of shared memory each at D = 128, <= 128 registers), so one CTA's tile loads
@@ -157,7 +95,7 @@ __global__ void __launch_bounds__(kAssignThreads, kTerms == 1 ? 2 : 1)
   sm80::cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  NearestCentroid nearest;
+  NearestCentroid<kAssignBlocks> nearest;
   const int tiles = padded / kAssignCentroids;
   for (int t = 0; t < tiles; ++t) {
     const int stage = t & 1;
@@ -182,6 +120,11 @@ __global__ void __launch_bounds__(kAssignThreads, kTerms == 1 ? 2 : 1)
 template <class E, int D, int kTerms>
 void launch_assign(const DeviceHeads& points, const PackedCentroids<E, D>& packed, std::int32_t* labels,
                    cudaStream_t stream) {
+  if (use_sm90_assign()) {
+    launch_assign_sm90<E, D, kTerms>(points, packed.hi(), packed.lo(), packed.norms(), packed.clusters(),
+                                     packed.padded(), labels, stream);
+    return;
+  }
   constexpr std::size_t smem = assign_smem_bytes<E, D, kTerms>();
   check_cuda(cudaFuncSetAttribute(assign_kernel<E, D, kTerms>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
              "cudaFuncSetAttribute (assign_kernel shared memory)");
@@ -210,6 +153,24 @@ void validate_kmeans_shape(const DeviceHeads& points, int clusters) {
 }
 
 }  // namespace
+
+bool detail::use_sm90_assign() {
+  const char* variable = std::getenv("SVGEAR_KMEANS_KERNEL");
+  const std::string choice = variable != nullptr ? variable : "";
+  if (choice == "sm80") return false;
+  // The sm_90a kernels are built and loaded together: the attention kernel's check answers for all.
+  if (choice == "sm90") {
+    if (!sm90_attention_available()) {
+      throw Error("SVGEAR_KMEANS_KERNEL=sm90 needs a compute capability 9.0 GPU and a build with CUDA architecture "
+                  "90a (CMAKE_CUDA_ARCHITECTURES); unset it to pick the kernel automatically");
+    }
+    return true;
+  }
+  if (!choice.empty() && choice != "auto") {
+    throw Error("SVGEAR_KMEANS_KERNEL='" + choice + "' is not one of sm80, sm90, auto");
+  }
+  return sm90_attention_available();
+}
 
 void assign_to_nearest_centroid(const DeviceHeads& points, const float* centroids, int clusters, std::int32_t* labels,
                                 void* stream) {

@@ -167,6 +167,27 @@ __device__ __forceinline__ void wgmma_rs_trans_b(float (&d)[kN / 2], const std::
 #undef SVGEAR_WGMMA_RS
 }
 
+// d (64 x 64, fp32) {=, +=} A B for A (64 x 16) from registers (layout above) and B (16 x 64)
+// K-major in shared memory (imm-trans-b = 0: rows of B^T, e.g. centroids, hold their k values);
+// scale_d == 0 overwrites d.
+template <typename Element>
+__device__ __forceinline__ void wgmma_rs_m64n64k16(float (&d)[32], const std::uint32_t (&a)[4], std::uint64_t b,
+                                                   int scale_d) {
+#define SVGEAR_WGMMA_RS_N64(TYPES)                                                                          \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                 \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32" TYPES " " SVGEAR_WGMMA_D32                       \
+               ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n"                                                  \
+               "}\n"                                                                                         \
+               : SVGEAR_WGMMA_D32_OPERANDS(d)                                                                \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d))
+  if constexpr (WgmmaTypes<Element>::kBf16) {
+    SVGEAR_WGMMA_RS_N64(".bf16.bf16");
+  } else {
+    SVGEAR_WGMMA_RS_N64(".f16.f16");
+  }
+#undef SVGEAR_WGMMA_RS_N64
+}
+
 // --- mbarriers ----------------------------------------------------------------------------------
 
 __device__ __forceinline__ void mbarrier_init(std::uint32_t barrier, std::uint32_t count) {

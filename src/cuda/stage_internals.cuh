@@ -42,4 +42,17 @@ void segment_means(const DeviceHeads& rows, const std::int32_t* order, const std
                    EmptyCluster empty, float* means, std::int32_t* counts, double* objective_parts,
                    cudaStream_t stream);
 
+// k-means' assignment on wgmma (kmeans_assign_sm90.cu): labels from the packed centroids'
+// kTerms 16-bit terms (PackedCentroids), as kmeans.cu's assign_kernel computes them. Only where
+// use_sm90_assign().
+template <class E, int D, int kTerms>
+void launch_assign_sm90(const DeviceHeads& points, const E* centroid_hi, const E* centroid_lo,
+                        const float* centroid_norms, int clusters, int padded, std::int32_t* labels,
+                        cudaStream_t stream);
+
+// SVGEAR_KMEANS_KERNEL: "sm80" forces the mma.sync assignment, "sm90" the wgmma one (an error
+// where it cannot run), unset or "auto" takes wgmma wherever the sm_90a kernels run. Read per
+// call, so a test can run both.
+bool use_sm90_assign();
+
 }  // namespace svgear::cuda::detail

@@ -8,11 +8,13 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <ostream>
 #include <stdexcept>
 #include <string>
@@ -23,6 +25,7 @@
 #include "cpu/kmeans.hpp"
 #include "cpu/permutation.hpp"
 #include "cpu/vector_ops.hpp"
+#include "cuda/sparse_attention.hpp"
 #include "cuda/stages.hpp"
 #include "policy/selection_policy.hpp"
 #include "svgear/error.hpp"
@@ -172,10 +175,49 @@ std::ostream& operator<<(std::ostream& os, const KmeansCase& c) {
             << c.iterations << " " << dtype_name(c.dtype) << " layout " << int(c.layout);
 }
 
+// Sets SVGEAR_KMEANS_KERNEL while it lives; the caller's value comes back after.
+class ScopedKmeansKernel {
+ public:
+  explicit ScopedKmeansKernel(const std::string& kernel) {
+    if (const char* previous = std::getenv(kVariable)) previous_ = previous;
+    setenv(kVariable, kernel.c_str(), 1);
+  }
+  ~ScopedKmeansKernel() {
+    if (previous_) {
+      setenv(kVariable, previous_->c_str(), 1);
+    } else {
+      unsetenv(kVariable);
+    }
+  }
+  ScopedKmeansKernel(const ScopedKmeansKernel&) = delete;
+  ScopedKmeansKernel& operator=(const ScopedKmeansKernel&) = delete;
+
+ private:
+  static constexpr const char* kVariable = "SVGEAR_KMEANS_KERNEL";
+  std::optional<std::string> previous_;
+};
+
+// Runs `body` once per assignment kernel this GPU has: mma.sync everywhere, wgmma on sm_90a.
+template <class Body>
+void for_each_assign_kernel(Body body) {
+  std::vector<std::string> kernels{"sm80"};
+  if (cuda::sm90_attention_available()) kernels.push_back("sm90");
+  for (const std::string& kernel : kernels) {
+    SCOPED_TRACE("SVGEAR_KMEANS_KERNEL=" + kernel);
+    const ScopedKmeansKernel scoped(kernel);
+    body();
+  }
+}
+
 class GpuKmeans : public ::testing::TestWithParam<KmeansCase> {};
 
+void expect_kmeans_matches_cpu(const KmeansCase& c);
+
 TEST_P(GpuKmeans, MatchesCpuObjectiveFromStridedInit) {
-  const KmeansCase c = GetParam();
+  for_each_assign_kernel([&] { expect_kmeans_matches_cpu(GetParam()); });
+}
+
+void expect_kmeans_matches_cpu(const KmeansCase& c) {
   const HostTensor values = c.clustered
                                 ? svgear::testing::clustered_tensor(c.batch, c.heads, c.tokens, c.d, 12, 0.4, 11)
                                 : svgear::testing::random_tensor({c.batch, c.heads, c.tokens, c.d}, 12);
@@ -281,8 +323,12 @@ void expect_assignment_matches_cpu(std::int64_t tokens, int clusters) {
   }
 }
 
-TEST(GpuKmeansSmall, AssignmentMatchesCpuUpToNearTies) { expect_assignment_matches_cpu(127, 70); }
-TEST(GpuKmeans, AssignmentMatchesCpuUpToNearTiesOnSeveralTiles) { expect_assignment_matches_cpu(4097, 200); }
+TEST(GpuKmeansSmall, AssignmentMatchesCpuUpToNearTies) {
+  for_each_assign_kernel([] { expect_assignment_matches_cpu(127, 70); });
+}
+TEST(GpuKmeans, AssignmentMatchesCpuUpToNearTiesOnSeveralTiles) {
+  for_each_assign_kernel([] { expect_assignment_matches_cpu(4097, 200); });
+}
 
 // A warm-start centroid far from every point stays empty and keeps its value exactly.
 TEST(GpuKmeansSmall, WarmStartKeepsEmptyClusters) {
