@@ -1,16 +1,19 @@
 // Budgeted block selection (src/policy/budget_selection.cpp) on the device, and the CSR lists
 // of selected and compensated key clusters the attention kernel reads.
 //
-// Density mode: a stable sort on descending float64 priority within each budget segment (all
-// heads for BudgetScope::call, one head for BudgetScope::head), carrying the global flat index
-// (bh * Cq * Ck + block), so ties keep the lower head, then the lower block, as the CPU's
-// std::stable_sort over (head, block)-ordered candidates does. Then one inclusive scan of the
-// costs in that order: the CPU loop takes block p iff its cost is non-zero and the pairs taken
-// before it in its segment, floor blocks included, are still below the target; that running
-// total is the floor's pairs plus the scan of the non-floor costs before p, so every block
-// decides independently.
+// Density mode: the CPU walks each budget segment's blocks (all heads for BudgetScope::call, one
+// head for BudgetScope::head) in descending float64 priority, ties to the lower global flat
+// index (bh * Cq * Ck + block), as its std::stable_sort over (head, block)-ordered candidates
+// does, and takes block p iff its cost is non-zero and the pairs taken before it, floor blocks
+// included, are still below the target. Costs are non-negative, so that takes exactly the
+// blocks with a non-zero cost up to and including the first one whose running total (floor
+// included) reaches the target. No sort is needed to find that block: a radix select over the
+// 96-bit key (descending priority, ascending index) with cost-weighted histograms, 12 bits per
+// pass, narrows each segment to it in 8 passes over the scores (priority_threshold); then every
+// block decides by comparing its key with the segment's.
 // Top-p mode: a stable segmented sort per row, then one thread walks each row exactly like the
 // CPU loop (sequential float64 mass, so the comparisons with top_p are identical).
+#include <algorithm>
 #include <cmath>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
@@ -51,18 +54,6 @@ struct Grid {
 __device__ __forceinline__ double block_priority(float score, std::int64_t cost, BlockScore kind) {
   if (kind == BlockScore::priority) return double(score);
   return cost > 0 ? double(score) / double(cost) : 0.0;
-}
-
-__global__ void priority_keys(Grid grid, std::int64_t total, const float* scores, BlockScore kind, double* keys,
-                              std::int32_t* blocks) {
-  const std::int64_t per_head = grid.blocks_per_head();
-  for_each_index(total, [&](std::int64_t idx) {
-    const std::int64_t bh = idx / per_head;
-    const int block = int(idx % per_head);
-    const int i = block / grid.key_clusters, j = block % grid.key_clusters;
-    keys[idx] = block_priority(scores[idx], grid.q_size(bh, i) * grid.k_size(bh, j), kind);
-    blocks[idx] = std::int32_t(idx);  // global, so ties across heads go to the lower head
-  });
 }
 
 __global__ void segment_starts(std::int64_t segments, std::int64_t length, std::int64_t* starts) {
@@ -107,26 +98,135 @@ __global__ void take_floor_blocks(Grid grid, std::int64_t rows, const float* sco
   }
 }
 
-// Cost of each block in sorted order; floor blocks (already taken) count 0 here.
-__global__ void costs_in_order(Grid grid, std::int64_t total, const std::int32_t* sorted_blocks,
-                               const std::uint8_t* exact, std::int64_t* costs) {
-  const std::int64_t per_head = grid.blocks_per_head();
-  for_each_index(total, [&](std::int64_t p) {
-    const std::int64_t flat = sorted_blocks[p], bh = flat / per_head;
-    const int block = int(flat % per_head);
-    const int i = block / grid.key_clusters, j = block % grid.key_clusters;
-    costs[p] = exact[flat] ? 0 : grid.q_size(bh, i) * grid.k_size(bh, j);
-  });
+// --- density mode: the radix select -----------------------------------------------------------
+
+// A block's place in its segment's walk as one unsigned 96-bit number, smaller = earlier: the
+// priority's bits turned so they sort as unsigned integers (CUB's radix-sort twiddle: positive
+// values get the sign bit set, negative ones every bit flipped), inverted for descending order,
+// then the flat index for ties.
+using WalkKey = unsigned __int128;
+
+__device__ __forceinline__ WalkKey walk_key(double priority, std::int64_t flat) {
+  const auto bits = static_cast<unsigned long long>(__double_as_longlong(priority));
+  const unsigned long long ordered = (bits >> 63) != 0 ? ~bits : bits | (1ull << 63);
+  return (WalkKey(~ordered) << 32) | WalkKey(static_cast<std::uint32_t>(flat));
 }
 
-__global__ void take_blocks_in_order(std::int64_t total, std::int64_t segment_length, const std::int32_t* sorted_blocks,
-                                     const std::int64_t* costs, const std::int64_t* inclusive,
-                                     const unsigned long long* floor_pairs, std::int64_t target, std::uint8_t* exact) {
-  for_each_index(total, [&](std::int64_t p) {
-    const std::int64_t segment = p / segment_length, segment_first = segment * segment_length;
-    const std::int64_t before_segment = segment_first > 0 ? inclusive[segment_first - 1] : 0;
-    const std::int64_t taken_before = std::int64_t(floor_pairs[segment]) + inclusive[p] - costs[p] - before_segment;
-    if (costs[p] > 0 && taken_before < target) exact[sorted_blocks[p]] = 1;
+constexpr int kDigitBits = 12;
+constexpr int kBins = 1 << kDigitBits;
+constexpr int kKeyBits = 96;
+constexpr int kPasses = kKeyBits / kDigitBits;
+static_assert(kPasses * kDigitBits == kKeyBits, "whole digits");
+
+// Per segment: what the passes so far know of the last block the walk takes.
+struct SelectState {
+  WalkKey prefix;        // its key's leading digits found so far (the rest zero)
+  std::int64_t before;   // pairs of the non-floor blocks whose keys are below the prefix's range
+  int mode;              // kSearching, kTakeAll (the budget outlasts the segment), kTakeNone
+};
+constexpr int kSearching = 0, kTakeAll = 1, kTakeNone = 2;
+
+// The block's key and cost in the walk (0 for floor and empty blocks: they add no pairs).
+struct WalkEntry {
+  WalkKey key;
+  std::int64_t cost;
+};
+
+__device__ __forceinline__ WalkEntry walk_entry(const Grid& grid, std::int64_t flat, const float* scores,
+                                                BlockScore kind, const std::uint8_t* exact) {
+  const std::int64_t per_head = grid.blocks_per_head();
+  const std::int64_t bh = flat / per_head;
+  const int block = int(flat % per_head);
+  const std::int64_t pairs = grid.q_size(bh, block / grid.key_clusters) * grid.k_size(bh, block % grid.key_clusters);
+  return {walk_key(block_priority(scores[flat], pairs, kind), flat), exact[flat] != 0 ? 0 : pairs};
+}
+
+// Pass `pass`: per segment, the pairs of the blocks inside the prefix's range, by their next digit.
+__global__ void __launch_bounds__(kThreads)
+    digit_histogram(Grid grid, std::int64_t segment_length, const float* scores, BlockScore kind,
+                    const std::uint8_t* exact, const SelectState* states, int pass, unsigned long long* histograms) {
+  __shared__ unsigned long long bins[kBins];
+  const std::int64_t segment = blockIdx.y;
+  const SelectState state = states[segment];
+  if (state.mode != kSearching) return;
+  for (int b = threadIdx.x; b < kBins; b += kThreads) bins[b] = 0;
+  __syncthreads();
+  const int shift = kKeyBits - kDigitBits * (pass + 1);
+  const std::int64_t first = segment * segment_length;
+  for (std::int64_t i = blockIdx.x * std::int64_t(kThreads) + threadIdx.x; i < segment_length;
+       i += std::int64_t(gridDim.x) * kThreads) {
+    const WalkEntry e = walk_entry(grid, first + i, scores, kind, exact);
+    if (e.cost == 0) continue;
+    if (pass > 0 && (e.key >> (shift + kDigitBits)) != (state.prefix >> (shift + kDigitBits))) continue;
+    atomicAdd(&bins[int(e.key >> shift) & (kBins - 1)], static_cast<unsigned long long>(e.cost));
+  }
+  __syncthreads();
+  unsigned long long* out = histograms + segment * kBins;
+  for (int b = threadIdx.x; b < kBins; b += kThreads) {
+    if (bins[b] != 0) atomicAdd(&out[b], bins[b]);
+  }
+}
+
+// One CTA per segment: the digit whose bin holds the block where the running total reaches the
+// target; clears the histogram for the next pass.
+__global__ void __launch_bounds__(kThreads)
+    choose_digit(unsigned long long* histograms, const unsigned long long* floor_pairs, std::int64_t target, int pass,
+                 SelectState* states) {
+  using Scan = cub::BlockScan<unsigned long long, kThreads>;
+  __shared__ typename Scan::TempStorage storage;
+  __shared__ int chosen;
+  __shared__ unsigned long long chosen_before;
+  const std::int64_t segment = blockIdx.x;
+  SelectState state = states[segment];
+  if (state.mode != kSearching) return;
+  // Pairs the walk may still take before the wanted block's own: the target less the floor and
+  // everything below the prefix's range.
+  const std::int64_t wanted = target - std::int64_t(floor_pairs[segment]) - state.before;
+  if (wanted <= 0) {  // only at pass 0: the floor alone spends the budget
+    if (threadIdx.x == 0) states[segment].mode = kTakeNone;
+    return;
+  }
+  if (threadIdx.x == 0) chosen = -1;
+  unsigned long long* bins = histograms + segment * kBins;
+  constexpr int kPerThread = kBins / kThreads;
+  unsigned long long local[kPerThread], sum = 0;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    local[k] = bins[threadIdx.x * kPerThread + k];
+    sum += local[k];
+  }
+  unsigned long long before = 0;
+  Scan(storage).ExclusiveSum(sum, before);
+  __syncthreads();  // `chosen` is initialised
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    // Exactly one bin crosses: its exclusive total is below `wanted`, its inclusive one is not.
+    if (before < static_cast<unsigned long long>(wanted) && before + local[k] >= static_cast<unsigned long long>(wanted)) {
+      chosen = threadIdx.x * kPerThread + k;
+      chosen_before = before;
+    }
+    before += local[k];
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < kBins; k += kThreads) bins[k] = 0;
+  if (threadIdx.x != 0) return;
+  if (chosen < 0) {  // the segment's blocks do not reach the target (pass 0 only)
+    states[segment].mode = kTakeAll;
+    return;
+  }
+  state.prefix |= WalkKey(chosen) << (kKeyBits - kDigitBits * (pass + 1));
+  state.before += std::int64_t(chosen_before);
+  states[segment] = state;
+}
+
+// Every non-floor block with a non-zero cost at or before its segment's last block is taken.
+__global__ void take_blocks_up_to(Grid grid, std::int64_t total, std::int64_t segment_length, const float* scores,
+                                  BlockScore kind, const SelectState* states, std::uint8_t* exact) {
+  for_each_index(total, [&](std::int64_t flat) {
+    const SelectState& state = states[flat / segment_length];
+    if (state.mode == kTakeNone) return;
+    const WalkEntry e = walk_entry(grid, flat, scores, kind, exact);
+    if (e.cost > 0 && (state.mode == kTakeAll || e.key <= state.prefix)) exact[flat] = 1;
   });
 }
 
@@ -287,8 +387,8 @@ void stable_sort_descending(const double* keys_in, double* keys_out, const std::
   });
 }
 
-// What both modes share: the validated grid as kernels see it, the flags (the caller's array or
-// scratch, zeroed) and a double-buffered (key, value) sort space of one entry per block.
+// What both modes share: the validated grid as kernels see it and the flags (the caller's array
+// or scratch, zeroed); top-p mode adds a sort space.
 class SelectionWork {
  public:
   SelectionWork(const DeviceBlockGrid& grid, const void* scores, const DeviceBlockSelection& out, void* stream)
@@ -298,9 +398,7 @@ class SelectionWork {
         total_(grid.heads_total * std::int64_t(grid.query_clusters) * grid.key_clusters),
         rows_(grid.heads_total * grid.query_clusters),
         exact_scratch_(out.exact != nullptr ? 0 : std::size_t(total_), stream_),
-        exact_(out.exact != nullptr ? out.exact : exact_scratch_.get()),
-        keys_(2 * std::size_t(total_), stream_),
-        values_(2 * std::size_t(total_), stream_) {
+        exact_(out.exact != nullptr ? out.exact : exact_scratch_.get()) {
     zero_async(exact_, std::size_t(total_), stream_, "cudaMemsetAsync (exact flags)");
   }
 
@@ -314,6 +412,11 @@ class SelectionWork {
   std::int32_t* values() const { return values_.get(); }
   const std::int32_t* sorted_values() const { return values_.get() + total_; }
 
+  // The (key, value) sort space, double-buffered: one entry per block (top-p mode only).
+  void allocate_sort_space() {
+    keys_ = DeviceBuffer<double>(2 * std::size_t(total_), stream_);
+    values_ = DeviceBuffer<std::int32_t>(2 * std::size_t(total_), stream_);
+  }
   // Stable descending sort of (keys, values) within `segments` equal segments.
   void sort(std::int64_t segments) {
     stable_sort_descending(keys(), keys_.get() + total_, values(), values_.get() + total_, segments, total_ / segments,
@@ -342,11 +445,8 @@ void take_blocks_by_priority(const DeviceBlockGrid& grid, const float* scores, B
   const cudaStream_t s = work.stream();
   const Grid& g = work.kernel_grid();
   const std::int64_t total = work.total(), rows = work.rows();
-  priority_keys<<<grid_for(total, kThreads), kThreads, 0, s>>>(g, total, scores, kind, work.keys(), work.values());
-  check_launch("priority_keys");
   const std::int64_t heads_per_segment = budget.call_wide ? grid.heads_total : 1;
   const std::int64_t segments = grid.heads_total / heads_per_segment, segment_length = total / segments;
-  work.sort(segments);
 
   DeviceBuffer<unsigned long long> floor_pairs(std::size_t(segments), s);
   zero_async(floor_pairs.get(), std::size_t(segments), s, "cudaMemsetAsync (floor pairs)");
@@ -355,26 +455,35 @@ void take_blocks_by_priority(const DeviceBlockGrid& grid, const float* scores, B
                                                                          work.exact(), floor_pairs.get());
     check_launch("take_floor_blocks");
   }
-  DeviceBuffer<std::int64_t> costs(2 * std::size_t(total), s);
-  std::int64_t* cost = costs.get();
-  std::int64_t* inclusive = cost + total;
-  costs_in_order<<<grid_for(total, kThreads), kThreads, 0, s>>>(g, total, work.sorted_values(), work.exact(), cost);
-  check_launch("costs_in_order");
-  run_cub("cub::DeviceScan::InclusiveSum (costs in priority order)", s, [&](void* storage, std::size_t& bytes) {
-    return cub::DeviceScan::InclusiveSum(storage, bytes, cost, inclusive, total, s);
-  });
   // The CPU's integer target over the segment's heads, computed with the same expression.
   const std::int64_t segment_pairs = heads_per_segment * grid.query_tokens * grid.key_tokens;
   const auto target = std::int64_t(std::ceil(budget.density * double(segment_pairs)));
-  take_blocks_in_order<<<grid_for(total, kThreads), kThreads, 0, s>>>(
-      total, segment_length, work.sorted_values(), cost, inclusive, floor_pairs.get(), target, work.exact());
-  check_launch("take_blocks_in_order");
+
+  DeviceBuffer<SelectState> states(std::size_t(segments), s);
+  DeviceBuffer<unsigned long long> histograms(std::size_t(segments) * kBins, s);
+  zero_async(states.get(), std::size_t(segments), s, "cudaMemsetAsync (select states)");  // prefix 0, searching
+  zero_async(histograms.get(), std::size_t(segments) * kBins, s, "cudaMemsetAsync (histograms)");
+  // About 8 CTAs per SM in all, each walking >= 4096 blocks.
+  const auto ctas_per_segment =
+      unsigned(std::clamp<std::int64_t>((segment_length + 4095) / 4096, 1, std::max<std::int64_t>(1, 1056 / segments)));
+  for (int pass = 0; pass < kPasses; ++pass) {
+    digit_histogram<<<dim3(ctas_per_segment, unsigned(segments)), kThreads, 0, s>>>(
+        g, segment_length, scores, kind, work.exact(), states.get(), pass, histograms.get());
+    check_launch("digit_histogram");
+    choose_digit<<<unsigned(segments), kThreads, 0, s>>>(histograms.get(), floor_pairs.get(), target, pass,
+                                                         states.get());
+    check_launch("choose_digit");
+  }
+  take_blocks_up_to<<<grid_for(total, kThreads), kThreads, 0, s>>>(g, total, segment_length, scores, kind,
+                                                                   states.get(), work.exact());
+  check_launch("take_blocks_up_to");
   work.build_lists(out);
 }
 
 void take_blocks_by_top_p(const DeviceBlockGrid& grid, const float* criticality, double top_p, double min_key_fraction,
                           const DeviceBlockSelection& out, void* stream) {
   SelectionWork work(grid, criticality, out, stream);
+  work.allocate_sort_space();
   const cudaStream_t s = work.stream();
   row_keys<<<grid_for(work.total(), kThreads), kThreads, 0, s>>>(work.total(), grid.key_clusters, criticality,
                                                                  work.keys(), work.values());
