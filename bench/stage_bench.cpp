@@ -140,10 +140,10 @@ struct Clustering {
 int main(int argc, char** argv) {
   CLI::App app{"svgear-stage-bench: the CUDA stages before attention, one at a time"};
   Shape shape;
-  int clusters_q = 256, clusters_k = 1024, probes = 4, cold_iterations = 10, warm_iterations = 2, repeats = 10,
+  int clusters_q = 256, clusters_k = 1024, probes = 0, cold_iterations = 10, warm_iterations = 2, repeats = 10,
       warmup = 2;
   double density = 0.12;
-  bool random = false, probe_mean = false;
+  bool random = false, probe_mean = true;
   std::uint64_t seed = 0;
   app.add_option("--batch", shape.batch)->capture_default_str();
   app.add_option("--heads", shape.heads)->capture_default_str();
@@ -154,7 +154,8 @@ int main(int argc, char** argv) {
   app.add_option("--clusters-q", clusters_q)->capture_default_str();
   app.add_option("--clusters-k", clusters_k)->capture_default_str();
   app.add_option("--probe-queries", probes)->capture_default_str();
-  app.add_flag("--probe-mean", probe_mean, "EAR probe: one more row per query cluster, its mean query");
+  app.add_flag("--probe-mean,!--no-probe-mean", probe_mean, "EAR probe: one more row per query cluster, its mean query")
+      ->capture_default_str();
   app.add_option("--cold-iterations", cold_iterations)->capture_default_str();
   app.add_option("--warm-iterations", warm_iterations)->capture_default_str();
   app.add_option("--density", density, "Selection density")->capture_default_str();

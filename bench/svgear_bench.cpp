@@ -77,15 +77,16 @@ int main(int argc, char** argv) {
   CLI::App app{"svgear-bench: the CUDA path on the built-in workload at one shape"};
   WorkloadShape shape;
   double density = 0.12;
-  int clusters_q = 256, clusters_k = 1024, repeats = 10, probes = 4;
-  bool probe_mean = false;
+  int clusters_q = 256, clusters_k = 1024, repeats = 10, probes = 0;
+  bool probe_mean = true;
   std::string dump;
   cli::add_workload_options(app, shape, "");
   app.add_option("--density", density)->capture_default_str();
   app.add_option("--clusters-q", clusters_q)->capture_default_str();
   app.add_option("--clusters-k", clusters_k)->capture_default_str();
   app.add_option("--probe-queries", probes)->capture_default_str();
-  app.add_flag("--probe-mean", probe_mean, "EAR probe: one more row per query cluster, its mean query");
+  app.add_flag("--probe-mean,!--no-probe-mean", probe_mean, "EAR probe: one more row per query cluster, its mean query")
+      ->capture_default_str();
   app.add_option("--repeats", repeats)->capture_default_str();
   app.add_option("--dump", dump, "Folder for q/k/v, the EAR selection and result.json")->required();
   CLI11_PARSE(app, argc, argv);

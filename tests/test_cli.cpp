@@ -179,17 +179,20 @@ TEST_F(Cli, BadDensityAndClusters) {
   expect_usage_error("eval --input " + file + " --method ear", "--density is required");
   expect_usage_error("eval --input " + file + " --method ear --density 0.2 --clusters-k 500", "exceeds the 192 key tokens");
   expect_usage_error("eval --input " + file + " --method ear --top-p 0.9", "svg2 only");
-  expect_usage_error("eval --input " + file + " --method ear --density 0.2 --probe-queries 0", "probe_mean");
+  expect_usage_error("eval --input " + file + " --method ear --density 0.2 --probe-queries 0 --no-probe-mean",
+                     "probe_mean");
 }
 
-TEST_F(Cli, MeanQueryProbeRuns) {
+TEST_F(Cli, EveryProbeRowChoiceRuns) {
   const std::string file = valid_file();
-  const Result r = run_cli("eval --input " + file +
-                           " --method ear --density 0.3 --clusters-q 8 --clusters-k 12 --probe-queries 0 --probe-mean --json");
-  ASSERT_EQ(r.exit_code, 0) << r.output;
-  const auto j = nlohmann::json::parse(r.output);
-  EXPECT_GE(j["density"].get<double>(), 0.3);
-  EXPECT_LT(j["rel_l2"].get<double>(), 0.5);
+  for (const char* rows : {"", " --probe-queries 4 --no-probe-mean", " --probe-queries 2 --probe-mean"}) {
+    const Result r = run_cli("eval --input " + file + " --method ear --density 0.3 --clusters-q 8 --clusters-k 12" +
+                             rows + " --json");
+    ASSERT_EQ(r.exit_code, 0) << rows << "\n" << r.output;
+    const auto j = nlohmann::json::parse(r.output);
+    EXPECT_GE(j["density"].get<double>(), 0.3) << rows;
+    EXPECT_LT(j["rel_l2"].get<double>(), 0.5) << rows;
+  }
 }
 
 TEST_F(Cli, EmptyTensor) {

@@ -142,6 +142,7 @@ TEST(Validation, BadConfigValues) {
   expect_rejected(in, "clusters_k");
   in = Inputs{};
   in.config.probe_queries = 0;  // no probe row at all
+  in.config.probe_mean = false;
   expect_rejected(in, "probe_mean");
   in = Inputs{};
   in.config.probe_queries = -1;

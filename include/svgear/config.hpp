@@ -53,13 +53,13 @@ struct MethodConfig {
   int kmeans_iterations = 20;       // cold start (no cached centroids)
   int kmeans_warm_iterations = 2;   // warm start from the centroids of the previous step
   KmeansInit kmeans_init = KmeansInit::kmeans_plus_plus;
-  int probe_queries = 4;            // EAR probe: sampled queries per query cluster (0: only the mean)
+  int probe_queries = 0;            // EAR probe: sampled queries per query cluster (0: only the mean)
   // EAR probe: one more probe row per query cluster, the cluster's mean query (rounded to the
   // input's dtype). On the quality model's captures the mean row alone ranks blocks much better
   // than 4 sampled queries, with a quarter of the probe rows; on the built-in workload it is
-  // about even (docs/ALGORITHMS.md). The CUDA path builds the same rows; its GPU tests have not
-  // run yet (docs/PERF_NOTES.md), so the default stays off until they have.
-  bool probe_mean = false;
+  // about even (docs/ALGORITHMS.md, "Which probe rows"). So the default probes with the mean
+  // query alone; probe_queries = 4 with probe_mean = false was the default before.
+  bool probe_mean = true;
   std::uint64_t seed = 0;
 
   // How the CUDA path returns (no effect on the CPU path). true: it synchronizes the stream once

@@ -217,6 +217,8 @@ def test_probe_rows_options():
     q, k, v = random_qkv()
     out = svgear.attention(q, k, v, density=0.3, layout="bhsd", probe_queries=0, probe_mean=True, **SMALL)
     assert out.shape == q.shape and np.isfinite(out).all()
-    assert svgear.describe("ear", probe_queries=0, probe_mean=True)["probe_mean"] is True
+    assert svgear.describe("ear")["probe_mean"] is True and svgear.describe("ear")["probe_queries"] == 0
+    out = svgear.attention(q, k, v, density=0.3, layout="bhsd", probe_queries=4, probe_mean=False, **SMALL)
+    assert out.shape == q.shape and np.isfinite(out).all()
     with pytest.raises(ValueError, match="probe_mean"):  # no probe row at all
-        svgear.attention(q, k, v, density=0.3, layout="bhsd", probe_queries=0, **SMALL)
+        svgear.attention(q, k, v, density=0.3, layout="bhsd", probe_queries=0, probe_mean=False, **SMALL)
