@@ -1,6 +1,7 @@
 #include <chrono>
 #include <cstdio>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "commands.hpp"
@@ -58,10 +59,12 @@ void run_demo(const DemoOptions& options) {
     o.density = 1.0;
     return o;
   }());
-  std::printf("clusters: %d query x %d key per head, k-means %d iterations, EAR probe %d sampled queries%s per "
-              "cluster\n\n",
-              clusters.clusters_q, clusters.clusters_k, clusters.kmeans_iterations, clusters.probe_queries,
-              clusters.probe_mean ? " + the mean query" : "");
+  const std::string sampled = std::to_string(clusters.probe_queries) + " sampled queries";
+  const std::string probe_rows = clusters.probe_queries == 0 ? "the mean query"
+                                 : clusters.probe_mean       ? sampled + " + the mean query"
+                                                             : sampled;
+  std::printf("clusters: %d query x %d key per head, k-means %d iterations, EAR probe rows: %s per cluster\n\n",
+              clusters.clusters_q, clusters.clusters_k, clusters.kmeans_iterations, probe_rows.c_str());
   std::printf("%-14s %-12s %-9s %-6s %9s %9s %11s %9s %10s\n", "method", "policy", "compens.", "budget", "requested",
               "density",
               "rel_l2", "cosine", "time_ms");
