@@ -6,7 +6,7 @@
 // MMAs (warp_mma_abt_rows). Lloyd's iterations use one 16-bit term of the centroids (labels
 // then differ from float64 distances only where two centroids are within ~2^-8 (bf16) of each
 // other relative to |x||c| / sqrt(D)); the stand-alone assignment keeps two terms. On Hopper
-// the same assignment runs on wgmma instead (kmeans_assign_sm90.cu, use_sm90_assign()).
+// the two-term assignment runs on wgmma instead (kmeans_assign_sm90.cu, use_sm90_assign()).
 // The update sorts tokens by label (the cluster layout, also the stage's optional output) and
 // reduces each cluster's rows in float64 (cluster_means.cu).
 #include <cmath>
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kAssignThreads, kTerms == 1 ? 2 : 1)
 template <class E, int D, int kTerms>
 void launch_assign(const DeviceHeads& points, const PackedCentroids<E, D>& packed, std::int32_t* labels,
                    cudaStream_t stream) {
-  if (use_sm90_assign()) {
+  if (use_sm90_assign(kTerms)) {
     launch_assign_sm90<E, D, kTerms>(points, packed.hi(), packed.lo(), packed.norms(), packed.clusters(),
                                      packed.padded(), labels, stream);
     return;
@@ -154,7 +154,7 @@ void validate_kmeans_shape(const DeviceHeads& points, int clusters) {
 
 }  // namespace
 
-bool detail::use_sm90_assign() {
+bool detail::use_sm90_assign(int terms) {
   const char* variable = std::getenv("SVGEAR_KMEANS_KERNEL");
   const std::string choice = variable != nullptr ? variable : "";
   if (choice == "sm80") return false;
@@ -169,7 +169,9 @@ bool detail::use_sm90_assign() {
   if (!choice.empty() && choice != "auto") {
     throw Error("SVGEAR_KMEANS_KERNEL='" + choice + "' is not one of sm80, sm90, auto");
   }
-  return sm90_attention_available();
+  // Measured on an H100 (docs/PERF_NOTES.md): with two terms wgmma is 1.35x faster; with one
+  // (Lloyd's iterations) it is 2-5% slower, its per-stage argmin and barrier not hidden.
+  return terms > 1 && sm90_attention_available();
 }
 
 void assign_to_nearest_centroid(const DeviceHeads& points, const float* centroids, int clusters, std::int32_t* labels,

@@ -7,7 +7,8 @@
 // reads (sm90_primitives.cuh): per stage one m64n64 product per warpgroup, x . hi (+ x . lo with
 // two terms) in fp32, then NearestCentroid's running argmin on the accumulators. The copies of a
 // later stage are in flight while a stage is multiplied, and two CTAs per SM overlap one CTA's
-// argmin with the other's MMAs.
+// argmin with the other's MMAs. On an H100 it is 1.35x faster than mma.sync with two centroid
+// terms but 2-5% slower with one (docs/PERF_NOTES.md), so use_sm90_assign() takes it for two.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

@@ -51,8 +51,9 @@ void launch_assign_sm90(const DeviceHeads& points, const E* centroid_hi, const E
                         cudaStream_t stream);
 
 // SVGEAR_KMEANS_KERNEL: "sm80" forces the mma.sync assignment, "sm90" the wgmma one (an error
-// where it cannot run), unset or "auto" takes wgmma wherever the sm_90a kernels run. Read per
-// call, so a test can run both.
-bool use_sm90_assign();
+// where it cannot run), unset or "auto" takes wgmma for the two-term assignment wherever the
+// sm_90a kernels run (the faster kernel for each term count). Read per call, so a test can run
+// both.
+bool use_sm90_assign(int terms);
 
 }  // namespace svgear::cuda::detail
