@@ -10,8 +10,8 @@
 // The update sorts tokens by label (the cluster layout, also the stage's optional output) and
 // reduces each cluster's rows in float64 (cluster_means.cu).
 #include <cmath>
-#include <cstdlib>
 #include <cub/block/block_reduce.cuh>
+#include <optional>
 #include <string>
 
 #include "cuda/device_common.cuh"
@@ -155,20 +155,7 @@ void validate_kmeans_shape(const DeviceHeads& points, int clusters) {
 }  // namespace
 
 bool detail::use_sm90_assign(int terms) {
-  const char* variable = std::getenv("SVGEAR_KMEANS_KERNEL");
-  const std::string choice = variable != nullptr ? variable : "";
-  if (choice == "sm80") return false;
-  // The sm_90a kernels are built and loaded together: the attention kernel's check answers for all.
-  if (choice == "sm90") {
-    if (!sm90_attention_available()) {
-      throw Error("SVGEAR_KMEANS_KERNEL=sm90 needs a compute capability 9.0 GPU and a build with CUDA architecture "
-                  "90a (CMAKE_CUDA_ARCHITECTURES); unset it to pick the kernel automatically");
-    }
-    return true;
-  }
-  if (!choice.empty() && choice != "auto") {
-    throw Error("SVGEAR_KMEANS_KERNEL='" + choice + "' is not one of sm80, sm90, auto");
-  }
+  if (const std::optional<bool> forced = forced_sm90_kernel("SVGEAR_KMEANS_KERNEL")) return *forced;
   // Measured on an H100 (docs/PERF_NOTES.md): with two terms wgmma is 1.35x faster; with one
   // (Lloyd's iterations) it is 2-5% slower, its per-stage argmin and barrier not hidden.
   return terms > 1 && sm90_attention_available();

@@ -21,7 +21,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cub/block/block_scan.cuh>
 #include <limits>
 #include <string>
@@ -686,18 +685,7 @@ void launch_for_head_dim(const KernelParams& params, int head_dim, std::int64_t 
 // where it cannot run), unset or "auto" takes the wgmma kernel wherever it can run. Read per
 // call, so a test can run the same problem on both.
 bool use_sm90_kernel() {
-  const char* variable = std::getenv("SVGEAR_ATTENTION_KERNEL");
-  const std::string choice = variable != nullptr ? variable : "";
-  if (choice == "sm80") return false;
-  if (choice == "sm90") {
-    require(sm90_attention_available(),
-            "SVGEAR_ATTENTION_KERNEL=sm90 needs a compute capability 9.0 GPU and a build with CUDA architecture 90a "
-            "(CMAKE_CUDA_ARCHITECTURES); unset it to pick the kernel automatically");
-    return true;
-  }
-  require(choice.empty() || choice == "auto",
-          "SVGEAR_ATTENTION_KERNEL='" + choice + "' is not one of sm80, sm90, auto");
-  return sm90_attention_available();
+  return forced_sm90_kernel("SVGEAR_ATTENTION_KERNEL").value_or(sm90_attention_available());
 }
 
 }  // namespace

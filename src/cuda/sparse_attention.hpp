@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 
 #include "svgear/dtype.hpp"
 
@@ -97,6 +98,12 @@ void sparse_attention(const SparseAttentionProblem& problem, void* stream);
 // Whether the wgmma kernel can run on the current device (compute capability 9.0 and an
 // sm_90a build of the kernel in this binary).
 bool sm90_attention_available();
+
+// The kernel family an environment variable (SVGEAR_ATTENTION_KERNEL, SVGEAR_KMEANS_KERNEL)
+// forces: "sm80" false, "sm90" true (an Error where the sm_90a kernels cannot run: they are
+// built and loaded together, so sm90_attention_available() answers for all), unset or "auto"
+// none, the caller picks. Read on every call, so a test can run both families.
+std::optional<bool> forced_sm90_kernel(const char* variable);
 
 // Entries of the work list for bh_count heads of sq queries in query_clusters clusters: an upper
 // bound, per head ceil(sq / 64) + min(query_clusters, sq) (each non-empty cluster wastes at

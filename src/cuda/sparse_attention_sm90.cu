@@ -35,7 +35,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string>
 
 #include "cuda/cuda_check.hpp"
 #include "cuda/device_buffer.hpp"
@@ -735,6 +737,20 @@ bool sm90_attention_available() {
     known[std::size_t(device)].store(state, std::memory_order_relaxed);
   }
   return state == 2;
+}
+
+std::optional<bool> forced_sm90_kernel(const char* variable) {
+  const char* value = std::getenv(variable);
+  const std::string choice = value != nullptr ? value : "";
+  if (choice.empty() || choice == "auto") return std::nullopt;
+  if (choice == "sm80") return false;
+  if (choice != "sm90") throw Error(std::string(variable) + "='" + choice + "' is not one of sm80, sm90, auto");
+  if (!sm90_attention_available()) {
+    throw Error(std::string(variable) +
+                "=sm90 needs a compute capability 9.0 GPU and a build with CUDA architecture 90a "
+                "(CMAKE_CUDA_ARCHITECTURES); unset it to pick the kernel automatically");
+  }
+  return true;
 }
 
 }  // namespace svgear::cuda
