@@ -9,8 +9,8 @@
 // blocks with a non-zero cost up to and including the first one whose running total (floor
 // included) reaches the target. No sort is needed to find that block: a radix select over the
 // 96-bit key (descending priority, ascending index) with cost-weighted histograms, 12 bits per
-// pass, narrows each segment to it in 8 passes over the scores (priority_threshold); then every
-// block decides by comparing its key with the segment's.
+// pass, narrows each segment to it in 8 passes over the scores (digit_histogram, choose_digit);
+// then every block decides by comparing its key with the segment's (take_blocks_up_to).
 // Top-p mode: a stable segmented sort per row, then one thread walks each row exactly like the
 // CPU loop (sequential float64 mass, so the comparisons with top_p are identical).
 #include <algorithm>
