@@ -21,6 +21,7 @@
 #include "cpu/random.hpp"
 #include "cuda/cuda_check.hpp"
 #include "cuda/stages.hpp"
+#include "svgear/config.hpp"
 #include "svgear/dtype.hpp"
 #include "svgear/error.hpp"
 #include "svgear/workload.hpp"
@@ -140,10 +141,11 @@ struct Clustering {
 int main(int argc, char** argv) {
   CLI::App app{"svgear-stage-bench: the CUDA stages before attention, one at a time"};
   Shape shape;
-  int clusters_q = 256, clusters_k = 1024, probes = 0, cold_iterations = 10, warm_iterations = 2, repeats = 10,
-      warmup = 2;
+  const MethodConfig library_defaults;  // the probe rows the library takes unless told otherwise
+  int clusters_q = 256, clusters_k = 1024, probes = library_defaults.probe_queries, cold_iterations = 10,
+      warm_iterations = 2, repeats = 10, warmup = 2;
   double density = 0.12;
-  bool random = false, probe_mean = true;
+  bool random = false, probe_mean = library_defaults.probe_mean;
   std::uint64_t seed = 0;
   app.add_option("--batch", shape.batch)->capture_default_str();
   app.add_option("--heads", shape.heads)->capture_default_str();

@@ -77,8 +77,9 @@ int main(int argc, char** argv) {
   CLI::App app{"svgear-bench: the CUDA path on the built-in workload at one shape"};
   WorkloadShape shape;
   double density = 0.12;
-  int clusters_q = 256, clusters_k = 1024, repeats = 10, probes = 0;
-  bool probe_mean = true;
+  const MethodConfig library_defaults;  // the probe rows the library takes unless told otherwise
+  int clusters_q = 256, clusters_k = 1024, repeats = 10, probes = library_defaults.probe_queries;
+  bool probe_mean = library_defaults.probe_mean;
   std::string dump;
   cli::add_workload_options(app, shape, "");
   app.add_option("--density", density)->capture_default_str();
