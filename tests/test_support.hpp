@@ -4,6 +4,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "cpu/random.hpp"
@@ -75,5 +78,28 @@ inline MethodConfig small_config(Method method, double density) {
   config.clusters_k = 16;
   return config;
 }
+
+// Sets an environment variable while it lives (e.g. SVGEAR_ATTENTION_KERNEL, which the library
+// reads per call); the caller's value, or its absence, comes back after.
+class ScopedEnvironment {
+ public:
+  ScopedEnvironment(const char* variable, const std::string& value) : variable_(variable) {
+    if (const char* previous = std::getenv(variable)) previous_ = previous;
+    setenv(variable, value.c_str(), 1);
+  }
+  ~ScopedEnvironment() {
+    if (previous_) {
+      setenv(variable_.c_str(), previous_->c_str(), 1);
+    } else {
+      unsetenv(variable_.c_str());
+    }
+  }
+  ScopedEnvironment(const ScopedEnvironment&) = delete;
+  ScopedEnvironment& operator=(const ScopedEnvironment&) = delete;
+
+ private:
+  std::string variable_;
+  std::optional<std::string> previous_;
+};
 
 }  // namespace svgear::testing

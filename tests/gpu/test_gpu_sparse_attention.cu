@@ -26,6 +26,7 @@
 #include "cuda/sparse_attention.hpp"
 #include "svgear/dtype.hpp"
 #include "svgear/error.hpp"
+#include "test_support.hpp"
 
 namespace svgear {
 namespace {
@@ -43,20 +44,12 @@ class GpuSparseAttentionKernel : public ::testing::TestWithParam<std::string> {
     if (GetParam() == "sm90" && !cuda::sm90_attention_available()) {
       GTEST_SKIP() << "the wgmma kernel needs a compute capability 9.0 GPU and an sm_90a build";
     }
-    if (const char* previous = std::getenv(kVariable)) previous_ = previous;
-    setenv(kVariable, GetParam().c_str(), 1);
+    kernel_.emplace("SVGEAR_ATTENTION_KERNEL", GetParam());
   }
-  void TearDown() override {
-    if (previous_) {
-      setenv(kVariable, previous_->c_str(), 1);
-    } else {
-      unsetenv(kVariable);
-    }
-  }
+  void TearDown() override { kernel_.reset(); }
 
  private:
-  static constexpr const char* kVariable = "SVGEAR_ATTENTION_KERNEL";
-  std::optional<std::string> previous_;
+  std::optional<testing::ScopedEnvironment> kernel_;
 };
 
 INSTANTIATE_TEST_SUITE_P(Kernels, GpuSparseAttentionKernel, ::testing::Values("sm80", "sm90"),
@@ -810,15 +803,8 @@ TEST(GpuSparseAttention, RejectsUnknownKernelChoice) {
   problem.head_dim = 64;
   problem.q = problem.k = problem.v = q.view(dq.get());
   problem.out = q.view(dout.get());
-  const char* previous = std::getenv("SVGEAR_ATTENTION_KERNEL");
-  const std::string saved = previous != nullptr ? previous : "";
-  setenv("SVGEAR_ATTENTION_KERNEL", "sm70", 1);
+  const testing::ScopedEnvironment kernel("SVGEAR_ATTENTION_KERNEL", "sm70");
   EXPECT_THROW(cuda::sparse_attention(problem, nullptr), Error);
-  if (previous != nullptr) {
-    setenv("SVGEAR_ATTENTION_KERNEL", saved.c_str(), 1);
-  } else {
-    unsetenv("SVGEAR_ATTENTION_KERNEL");
-  }
 }
 
 TEST(GpuSparseAttention, RejectsUnsupportedProblems) {

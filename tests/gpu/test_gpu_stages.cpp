@@ -8,13 +8,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <numeric>
-#include <optional>
 #include <ostream>
 #include <stdexcept>
 #include <string>
@@ -175,28 +173,6 @@ std::ostream& operator<<(std::ostream& os, const KmeansCase& c) {
             << c.iterations << " " << dtype_name(c.dtype) << " layout " << int(c.layout);
 }
 
-// Sets SVGEAR_KMEANS_KERNEL while it lives; the caller's value comes back after.
-class ScopedKmeansKernel {
- public:
-  explicit ScopedKmeansKernel(const std::string& kernel) {
-    if (const char* previous = std::getenv(kVariable)) previous_ = previous;
-    setenv(kVariable, kernel.c_str(), 1);
-  }
-  ~ScopedKmeansKernel() {
-    if (previous_) {
-      setenv(kVariable, previous_->c_str(), 1);
-    } else {
-      unsetenv(kVariable);
-    }
-  }
-  ScopedKmeansKernel(const ScopedKmeansKernel&) = delete;
-  ScopedKmeansKernel& operator=(const ScopedKmeansKernel&) = delete;
-
- private:
-  static constexpr const char* kVariable = "SVGEAR_KMEANS_KERNEL";
-  std::optional<std::string> previous_;
-};
-
 // Runs `body` once per assignment kernel this GPU has: mma.sync everywhere, wgmma on sm_90a.
 template <class Body>
 void for_each_assign_kernel(Body body) {
@@ -204,7 +180,7 @@ void for_each_assign_kernel(Body body) {
   if (cuda::sm90_attention_available()) kernels.push_back("sm90");
   for (const std::string& kernel : kernels) {
     SCOPED_TRACE("SVGEAR_KMEANS_KERNEL=" + kernel);
-    const ScopedKmeansKernel scoped(kernel);
+    const svgear::testing::ScopedEnvironment scoped("SVGEAR_KMEANS_KERNEL", kernel);
     body();
   }
 }
