@@ -71,6 +71,53 @@ Timing time_method(const DeviceQkv& qkv, const MethodConfig& config, int repeats
   return timing;
 }
 
+// What the attention kernel does with a plan, to compare with the pairs it is credited for: the
+// sm90 kernel runs one CTA per 128 rows of a query cluster (two 64-row consumers), each walking
+// 128-key steps over its selected clusters' keys and then 128-pseudo-key steps over the
+// compensated clusters (non-empty, not selected).
+nlohmann::json plan_statistics(const cuda::PlanExport& plan, bool compensation) {
+  const int cq = plan.query_clusters, ck = plan.key_clusters;
+  const std::size_t heads = plan.q_offsets.size() / std::size_t(cq + 1);
+  double exact_pairs = 0, ctas = 0, lone_ctas = 0, row_slots = 0, rows = 0, exact_steps = 0, pseudo_steps = 0,
+         computed_pairs = 0;
+  std::vector<int> key_sizes(static_cast<std::size_t>(ck));
+  for (std::size_t bh = 0; bh < heads; ++bh) {
+    const std::int32_t* qo = &plan.q_offsets[bh * std::size_t(cq + 1)];
+    const std::int32_t* ko = &plan.k_offsets[bh * std::size_t(ck + 1)];
+    for (int j = 0; j < ck; ++j) key_sizes[std::size_t(j)] = ko[j + 1] - ko[j];
+    for (int c = 0; c < cq; ++c) {
+      const int n = qo[c + 1] - qo[c];
+      if (n <= 0) continue;
+      const std::uint8_t* taken = &plan.exact[(bh * std::size_t(cq) + std::size_t(c)) * std::size_t(ck)];
+      long long exact_keys = 0, compensated = 0;
+      for (int j = 0; j < ck; ++j) {
+        if (taken[j]) exact_keys += key_sizes[std::size_t(j)];
+        else compensated += compensation && key_sizes[std::size_t(j)] > 0;
+      }
+      const int cluster_ctas = (n + 127) / 128;
+      const double steps_e = double((exact_keys + 127) / 128), steps_c = double((compensated + 127) / 128);
+      exact_pairs += double(n) * double(exact_keys);
+      ctas += cluster_ctas;
+      lone_ctas += (n % 128) > 0 && (n % 128) <= 64;
+      row_slots += 64.0 * double((n + 63) / 64);
+      rows += n;
+      exact_steps += cluster_ctas * steps_e;
+      pseudo_steps += cluster_ctas * steps_c;
+      computed_pairs += 64.0 * double((n + 63) / 64) * 128.0 * (steps_e + steps_c);
+    }
+  }
+  nlohmann::json stats;
+  stats["exact_pairs"] = exact_pairs;
+  stats["ctas"] = ctas;
+  stats["ctas_with_one_consumer"] = lone_ctas;
+  stats["row_padding"] = row_slots / std::max(rows, 1.0) - 1.0;  // 64-row consumer tiles over real rows
+  stats["exact_steps_per_cta"] = exact_steps / std::max(ctas, 1.0);
+  stats["pseudo_steps_per_cta"] = pseudo_steps / std::max(ctas, 1.0);
+  // Pairs the consumers compute (64-row tiles with work, 128-key steps) over the exact pairs.
+  stats["computed_over_exact"] = computed_pairs / std::max(exact_pairs, 1.0);
+  return stats;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -132,6 +179,7 @@ int main(int argc, char** argv) {
     result["clusters_q"] = clusters_q;
     result["clusters_k"] = clusters_k;
     result["density"] = ear_timing.density;
+    result["ear_plan"] = plan_statistics(plan, true);
     result["svg2_density"] = svg2_timing.density;
     result["times_ms"] = {{"dense_ms", dense_timing.median.attend_ms},
                           {"ear_ms", ear_timing.median.total_ms},

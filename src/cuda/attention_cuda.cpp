@@ -228,9 +228,7 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
   std::int64_t* non_finite = counters.get();
   auto* error_flags = reinterpret_cast<std::int32_t*>(counters.get() + 1);
   std::int64_t* exact_pairs = counters.get() + kCallCounters;
-  count_non_finite(qh, non_finite, stream);
-  count_non_finite(kh, non_finite, stream);
-  count_non_finite(vh, non_finite, stream);
+  count_non_finite(qh, kh, vh, non_finite, stream);
   timer.mark(1);
 
   SparseAttentionProblem problem;

@@ -123,10 +123,28 @@ __global__ void mean_probe_rows(DeviceTensor q, int heads, std::int64_t sq, std:
         const std::int32_t* offsets = q_offsets + bh * (query_clusters + 1);
         const std::int32_t cluster = row_cluster[w];
         const std::int64_t begin = offsets[cluster], end = offsets[cluster + 1];
-        for (std::int64_t p = begin; p < end; ++p) {
-          const E* row = q_rows.row(q_order[bh * sq + p]);
+        // The members in order, 32 tokens read at once and 8 rows' loads in flight before their
+        // sums (one dependent load per member would leave the warp waiting on memory each time).
+        constexpr int kAhead = 8;
+        for (std::int64_t base = begin; base < end; base += 32) {
+          const int members = int(end - base < 32 ? end - base : 32);
+          const std::int32_t my_token = lane < members ? q_order[bh * sq + base + lane] : 0;
+          for (int first = 0; first < members; first += kAhead) {
+            float x[kAhead][D / 32];
 #pragma unroll
-          for (int e = 0; e < D / 32; ++e) sum[e] += double(Element<E>::to_float(row[lane + 32 * e]));
+            for (int u = 0; u < kAhead; ++u) {
+              const std::int32_t token = __shfl_sync(0xffffffffu, my_token, (first + u) & 31);
+              const E* row = q_rows.row(first + u < members ? token : my_token);
+#pragma unroll
+              for (int e = 0; e < D / 32; ++e) x[u][e] = Element<E>::to_float(row[lane + 32 * e]);
+            }
+#pragma unroll
+            for (int u = 0; u < kAhead; ++u) {
+              if (first + u >= members) break;
+#pragma unroll
+              for (int e = 0; e < D / 32; ++e) sum[e] += double(x[u][e]);
+            }
+          }
         }
 #pragma unroll
         for (int e = 0; e < D / 32; ++e) sum[e] = double(float(sum[e] / double(end - begin)));

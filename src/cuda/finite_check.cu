@@ -1,8 +1,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+#include <string>
+
 #include "cuda/cuda_check.hpp"
 #include "cuda/finite_check.hpp"
+#include "svgear/error.hpp"
 
 namespace svgear::cuda {
 
@@ -11,7 +15,7 @@ namespace {
 // 16-bit floats are non-finite exactly when their exponent bits are all ones: 5 bits at 10 for
 // f16, 8 bits at 7 for bf16. Checking the bits lets one thread test 8 elements from a 16-byte load.
 template <int kExponentShift, unsigned kExponentMask>
-__device__ unsigned count_in(uint4 chunk) {
+__device__ __forceinline__ unsigned count_in(uint4 chunk) {
   unsigned count = 0;
   const unsigned words[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
 #pragma unroll
@@ -25,39 +29,85 @@ __device__ unsigned count_in(uint4 chunk) {
   return count;
 }
 
-// One thread per 8 elements (16 bytes) of a row; rows are 16-byte aligned (the pipeline checks).
+struct CheckedTensor {
+  const unsigned char* data;
+  std::int64_t stride_b, stride_h, stride_s;  // elements
+  int heads, tokens;
+};
+
+constexpr int kThreads = 256;
+constexpr int kChunksPerThread = 4;  // 16-byte loads in flight per thread and pass
+
+// blockIdx.z names the tensor, blockIdx.y the (batch, head); the x blocks stride over that head's
+// 16-byte chunks (row s, chunk c of the row). Index math in 32 bits: a head's chunks are below
+// 2^31 (the caller checks), so the old per-chunk 64-bit divisions are gone.
 template <int kExponentShift, unsigned kExponentMask>
-__global__ void count_non_finite_kernel(const unsigned char* data, int heads, std::int64_t tokens, int chunks_per_row,
-                                        std::int64_t stride_b, std::int64_t stride_h, std::int64_t stride_s,
-                                        std::int64_t total_chunks, unsigned long long* count) {
+__global__ void __launch_bounds__(kThreads)
+    count_non_finite_kernel(CheckedTensor t0, CheckedTensor t1, CheckedTensor t2, int tensors, int chunks_per_row,
+                            unsigned long long* count) {
+  const CheckedTensor& t = blockIdx.z == 0 ? t0 : blockIdx.z == 1 ? t1 : t2;
+  if (int(blockIdx.z) >= tensors) return;
+  const int bh = int(blockIdx.y);
+  const std::int64_t head_offset = std::int64_t(bh / t.heads) * t.stride_b + std::int64_t(bh % t.heads) * t.stride_h;
+  const unsigned char* head = t.data + 2 * head_offset;
+  const int total = t.tokens * chunks_per_row;
+  const int step = int(gridDim.x) * kThreads;
   unsigned local = 0;
-  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < total_chunks;
-       i += std::int64_t(gridDim.x) * blockDim.x) {
-    const std::int64_t row = i / chunks_per_row, chunk = i % chunks_per_row;
-    const std::int64_t s = row % tokens, bh = row / tokens, b = bh / heads, h = bh % heads;
-    const std::int64_t element = b * stride_b + h * stride_h + s * stride_s + chunk * 8;
-    local += count_in<kExponentShift, kExponentMask>(*reinterpret_cast<const uint4*>(data + 2 * element));
+  for (int base = int(blockIdx.x) * kThreads * kChunksPerThread + int(threadIdx.x); base < total;
+       base += step * kChunksPerThread) {
+    uint4 chunk[kChunksPerThread];
+#pragma unroll
+    for (int u = 0; u < kChunksPerThread; ++u) {
+      const int i = base + u * kThreads;
+      chunk[u] = make_uint4(0, 0, 0, 0);
+      if (i < total) {
+        const int s = i / chunks_per_row, c = i - s * chunks_per_row;
+        chunk[u] = *reinterpret_cast<const uint4*>(head + 2 * (std::int64_t(s) * t.stride_s + 8 * c));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kChunksPerThread; ++u) local += count_in<kExponentShift, kExponentMask>(chunk[u]);
   }
-  if (local != 0) atomicAdd(count, static_cast<unsigned long long>(local));
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) local += __shfl_xor_sync(0xffffffffu, local, offset);
+  if (threadIdx.x % 32 == 0 && local != 0) atomicAdd(count, static_cast<unsigned long long>(local));
+}
+
+CheckedTensor checked(const DeviceHeads& tensor) {
+  const DeviceTensor& t = tensor.tensor;
+  return {static_cast<const unsigned char*>(t.data), t.stride_b, t.stride_h, t.stride_s, tensor.heads,
+          int(tensor.tokens)};
 }
 
 }  // namespace
 
-void count_non_finite(const DeviceHeads& tensor, std::int64_t* count, void* stream) {
-  const int chunks_per_row = tensor.head_dim / 8;
-  const std::int64_t total = tensor.count() * tensor.tokens * chunks_per_row;
-  const int threads = 256;
-  const int blocks = int(std::min<std::int64_t>((total + threads - 1) / threads, 132 * 8));
+void count_non_finite(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v, std::int64_t* count,
+                      void* stream) {
+  const int chunks_per_row = q.head_dim / 8;
+  std::int64_t most_chunks = 0;
+  for (const DeviceHeads* t : {&q, &k, &v}) {
+    if (t->dtype != q.dtype || t->head_dim != q.head_dim || t->count() != q.count()) {
+      throw Error("count_non_finite: q, k and v must share dtype, head_dim, batch and heads");
+    }
+    most_chunks = std::max(most_chunks, t->tokens * chunks_per_row);
+  }
+  if (most_chunks >= (std::int64_t(1) << 31) - std::int64_t(kThreads) * kChunksPerThread) {
+    throw Error("count_non_finite: " + std::to_string(most_chunks) + " 16-byte chunks per head exceed the int32 index");
+  }
+  if (q.count() > 65535) throw Error("count_non_finite: more than 65535 (batch, head) pairs in one launch");
+  // About 16 CTAs of 256 threads per SM in all, at least one per head and tensor.
+  const std::int64_t per_block = std::int64_t(kThreads) * kChunksPerThread;
+  const std::int64_t wanted = std::max<std::int64_t>(1, 132 * 16 / (3 * q.count()));
+  const unsigned blocks_x = unsigned(std::clamp<std::int64_t>((most_chunks + per_block - 1) / per_block, 1, wanted));
+  const dim3 grid(blocks_x, unsigned(q.count()), 3);
   auto* counter = reinterpret_cast<unsigned long long*>(count);
   const auto s = static_cast<cudaStream_t>(stream);
-  const DeviceTensor& t = tensor.tensor;
-  const auto* data = static_cast<const unsigned char*>(t.data);
-  if (tensor.dtype == DType::bf16) {
-    count_non_finite_kernel<7, 0xffu><<<blocks, threads, 0, s>>>(data, tensor.heads, tensor.tokens, chunks_per_row,
-                                                                 t.stride_b, t.stride_h, t.stride_s, total, counter);
+  if (q.dtype == DType::bf16) {
+    count_non_finite_kernel<7, 0xffu>
+        <<<grid, kThreads, 0, s>>>(checked(q), checked(k), checked(v), 3, chunks_per_row, counter);
   } else {
-    count_non_finite_kernel<10, 0x1fu><<<blocks, threads, 0, s>>>(data, tensor.heads, tensor.tokens, chunks_per_row,
-                                                                  t.stride_b, t.stride_h, t.stride_s, total, counter);
+    count_non_finite_kernel<10, 0x1fu>
+        <<<grid, kThreads, 0, s>>>(checked(q), checked(k), checked(v), 3, chunks_per_row, counter);
   }
   check_launch("count_non_finite_kernel");
 }

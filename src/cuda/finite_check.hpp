@@ -8,8 +8,10 @@
 
 namespace svgear::cuda {
 
-// Adds to *count (device) the number of non-finite elements of `tensor` (D a multiple of 8,
-// 16-byte aligned rows, as the CUDA path requires). Asynchronous.
-void count_non_finite(const DeviceHeads& tensor, std::int64_t* count, void* stream);
+// Adds to *count (device) the number of non-finite elements of q, k and v (one launch; same
+// dtype, head_dim and heads; D a multiple of 8, 16-byte aligned rows, as the CUDA path
+// requires). Asynchronous.
+void count_non_finite(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v, std::int64_t* count,
+                      void* stream);
 
 }  // namespace svgear::cuda

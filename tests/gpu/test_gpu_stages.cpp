@@ -23,6 +23,7 @@
 #include "cpu/kmeans.hpp"
 #include "cpu/permutation.hpp"
 #include "cpu/vector_ops.hpp"
+#include "cuda/finite_check.hpp"
 #include "cuda/sparse_attention.hpp"
 #include "cuda/stages.hpp"
 #include "policy/selection_policy.hpp"
@@ -155,6 +156,64 @@ std::vector<float> gather(const float* rows, std::int64_t d, const cpu::ClusterL
   cpu::gather_rows(rows, d, layout, permuted.data());
   return permuted;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 0. The input check: the exact count of NaN and Inf elements over q, k and v, in both layouts
+// and dtypes, with q's length differing from k's and sizes that end mid-block.
+
+struct FiniteCase {
+  std::int64_t q_tokens, k_tokens;
+  int d;
+  Layout layout;
+  DType dtype;
+};
+
+std::ostream& operator<<(std::ostream& os, const FiniteCase& c) {
+  return os << "Sq" << c.q_tokens << " Sk" << c.k_tokens << " D" << c.d << " " << dtype_name(c.dtype) << " layout "
+            << int(c.layout);
+}
+
+class GpuFiniteCheck : public ::testing::TestWithParam<FiniteCase> {};
+
+TEST_P(GpuFiniteCheck, CountsEveryNonFiniteElement) {
+  const FiniteCase c = GetParam();
+  using svgear::testing::random_tensor;
+  HostTensor q = random_tensor({2, 3, c.q_tokens, c.d}, 11), k = random_tensor({2, 3, c.k_tokens, c.d}, 12),
+             v = random_tensor({2, 3, c.k_tokens, c.d}, 13);
+  // The largest finite value of each dtype must not count; NaN, +Inf and -Inf must, wherever they are.
+  const float largest = c.dtype == DType::bf16 ? 3.3895314e38f : 65504.0f;
+  q.set(0, largest);
+  k.set(k.numel() - 1, -largest);
+  int expected = 0;
+  auto poison = [&](HostTensor& t, std::int64_t index, float value) {
+    t.set(index, value);
+    ++expected;
+  };
+  poison(q, 0 + 1, std::nanf(""));
+  poison(q, q.numel() - 1, INFINITY);
+  poison(k, 0, -INFINITY);
+  poison(k, k.numel() / 2, std::nanf(""));
+  for (std::int64_t i = 5; i < v.numel(); i += v.numel() / 7 + 1) poison(v, i, i % 2 ? INFINITY : std::nanf(""));
+  const TestHeads qh = upload_heads(q, c.layout, c.dtype), kh = upload_heads(k, c.layout, c.dtype),
+                  vh = upload_heads(v, c.layout, c.dtype);
+  DeviceArray<std::int64_t> count(1);
+  cuda_ok(cudaMemset(count.get(), 0, sizeof(std::int64_t)), "cudaMemset");
+  cuda::count_non_finite(qh.view, kh.view, vh.view, count.get(), nullptr);
+  EXPECT_EQ(count.download()[0], expected);
+
+  // And the clean tensors count nothing.
+  const TestHeads clean = upload_heads(random_tensor({2, 3, c.k_tokens, c.d}, 14), c.layout, c.dtype);
+  count.poison();
+  cuda_ok(cudaMemset(count.get(), 0, sizeof(std::int64_t)), "cudaMemset");
+  cuda::count_non_finite(clean.view, clean.view, clean.view, count.get(), nullptr);
+  EXPECT_EQ(count.download()[0], 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Small, GpuFiniteCheck,
+                         ::testing::Values(FiniteCase{1, 1, 64, Layout::bhsd, DType::bf16},
+                                           FiniteCase{127, 4097, 128, Layout::bshd, DType::bf16},
+                                           FiniteCase{4097, 127, 64, Layout::bshd, DType::f16},
+                                           FiniteCase{300, 300, 128, Layout::bhsd, DType::f16}));
 
 // ---------------------------------------------------------------------------------------------
 // 1. k-means
