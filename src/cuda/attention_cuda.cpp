@@ -228,7 +228,13 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
   std::int64_t* non_finite = counters.get();
   auto* error_flags = reinterpret_cast<std::int32_t*>(counters.get() + 1);
   std::int64_t* exact_pairs = counters.get() + kCallCounters;
-  count_non_finite(qh, kh, vh, non_finite, stream);
+  // The EAR probe's max |v| per head comes out of the same read of v.
+  const bool probes = config.policy == SelectionPolicyKind::error_aware;
+  DeviceBuffer<unsigned> v_abs_max(probes ? std::size_t(bh) : 0, stream);
+  if (probes) {
+    check_cuda(cudaMemsetAsync(v_abs_max.get(), 0, v_abs_max.size() * sizeof(unsigned), stream), "cudaMemsetAsync");
+  }
+  count_non_finite(qh, kh, vh, non_finite, probes ? v_abs_max.get() : nullptr, stream);
   timer.mark(1);
 
   SparseAttentionProblem problem;
@@ -299,7 +305,7 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
     value_means = DeviceBuffer<float>(std::size_t(bh * ck * d), stream);
     cluster_means(vh, k_layout, value_means.get(), nullptr, stream);
     scores = DeviceBuffer<float>(std::size_t(bh * cq * ck), stream);
-    const DeviceKeySummary summary{key_means, value_means.get(), k_counts.get()};
+    const DeviceKeySummary summary{key_means, value_means.get(), k_counts.get(), v_abs_max.get()};
     if (config.policy == SelectionPolicyKind::error_aware) {
       probe_compensation_error(qh, kh, vh, q_layout, k_layout, summary, config.probe_queries, config.probe_mean,
                                scores.get(), stream);

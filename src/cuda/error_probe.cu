@@ -311,15 +311,20 @@ void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
     probe_q_aligned = true;  // whole rows of 64 or 128 16-bit elements from one allocation
   }
 
-  DeviceBuffer<unsigned> value_max(std::size_t(heads_total), s);
-  zero_async(value_max.get(), value_max.size(), s, "cudaMemsetAsync (probe value max)");
-  const unsigned max_blocks = unsigned(std::clamp<std::int64_t>((v.tokens + 127) / 128, 1, 64));
-  value_abs_max_kernel<E>
-      <<<dim3(max_blocks, unsigned(heads_total)), 256, 0, s>>>(v.tensor, v.heads, v.tokens, D, value_max.get());
-  check_launch("value_abs_max_kernel");
+  // max |v| per head: the caller's (the pipeline's input check computes it), else one pass here.
+  DeviceBuffer<unsigned> value_max(summary.value_abs_max != nullptr ? 0 : std::size_t(heads_total), s);
+  const unsigned* value_abs_max = summary.value_abs_max;
+  if (value_abs_max == nullptr) {
+    zero_async(value_max.get(), value_max.size(), s, "cudaMemsetAsync (probe value max)");
+    const unsigned max_blocks = unsigned(std::clamp<std::int64_t>((v.tokens + 127) / 128, 1, 64));
+    value_abs_max_kernel<E>
+        <<<dim3(max_blocks, unsigned(heads_total)), 256, 0, s>>>(v.tensor, v.heads, v.tokens, D, value_max.get());
+    check_launch("value_abs_max_kernel");
+    value_abs_max = value_max.get();
+  }
   DeviceBuffer<__half> values(std::size_t(heads_total * k.tokens * D), s);
   scaled_values_kernel<E, D><<<grid_for(heads_total * k.tokens * 32, 256), 256, 0, s>>>(
-      v.tensor, v.heads, k.tokens, heads_total, keys.order, value_max.get(), values.get());
+      v.tensor, v.heads, k.tokens, heads_total, keys.order, value_abs_max, values.get());
   check_launch("scaled_values_kernel");
   PackedCentroids<E, D> means(heads_total, ck, 2, s);
   means.pack(summary.key_means);
@@ -334,7 +339,7 @@ void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
   a.q_aligned = probe_q_aligned;
   a.k_aligned = rows_aligned_16(k);
   a.values = values.get();
-  a.value_abs_max = value_max.get();
+  a.value_abs_max = value_abs_max;
   a.q_offsets = queries.offsets;
   a.k_order = keys.order;
   a.k_offsets = keys.offsets;

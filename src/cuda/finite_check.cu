@@ -29,6 +29,35 @@ __device__ __forceinline__ unsigned count_in(uint4 chunk) {
   return count;
 }
 
+// The largest magnitude among the chunk's non-NaN elements, as 15-bit magnitude bits (16-bit
+// floats order as their magnitude bits; NaN, above the infinity pattern, is skipped as fmaxf
+// skips it).
+template <int kExponentShift, unsigned kExponentMask>
+__device__ __forceinline__ unsigned largest_magnitude_in(uint4 chunk) {
+  constexpr unsigned kInfinity = kExponentMask << kExponentShift;
+  unsigned largest = 0;
+  const unsigned words[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const unsigned magnitude = (words[w] >> (16 * half)) & 0x7fffu;
+      if (magnitude <= kInfinity) largest = max(largest, magnitude);
+    }
+  }
+  return largest;
+}
+
+// Magnitude bits of a bf16 (exponent shift 7) or f16 value as the bits of the same float.
+template <int kExponentShift>
+__device__ __forceinline__ unsigned float_bits_of(unsigned magnitude) {
+  if constexpr (kExponentShift == 7) {
+    return magnitude << 16;
+  } else {
+    return __float_as_uint(__half2float(__ushort_as_half(static_cast<unsigned short>(magnitude))));
+  }
+}
+
 struct CheckedTensor {
   const unsigned char* data;
   std::int64_t stride_b, stride_h, stride_s;  // elements
@@ -44,7 +73,7 @@ constexpr int kChunksPerThread = 4;  // 16-byte loads in flight per thread and p
 template <int kExponentShift, unsigned kExponentMask>
 __global__ void __launch_bounds__(kThreads)
     count_non_finite_kernel(CheckedTensor t0, CheckedTensor t1, CheckedTensor t2, int tensors, int chunks_per_row,
-                            unsigned long long* count) {
+                            unsigned long long* count, unsigned* v_abs_max) {
   const CheckedTensor& t = blockIdx.z == 0 ? t0 : blockIdx.z == 1 ? t1 : t2;
   if (int(blockIdx.z) >= tensors) return;
   const int bh = int(blockIdx.y);
@@ -52,7 +81,8 @@ __global__ void __launch_bounds__(kThreads)
   const unsigned char* head = t.data + 2 * head_offset;
   const int total = t.tokens * chunks_per_row;
   const int step = int(gridDim.x) * kThreads;
-  unsigned local = 0;
+  const bool want_max = blockIdx.z == 2 && v_abs_max != nullptr;  // block-uniform
+  unsigned local = 0, largest = 0;
   for (int base = int(blockIdx.x) * kThreads * kChunksPerThread + int(threadIdx.x); base < total;
        base += step * kChunksPerThread) {
     uint4 chunk[kChunksPerThread];
@@ -66,7 +96,17 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 #pragma unroll
-    for (int u = 0; u < kChunksPerThread; ++u) local += count_in<kExponentShift, kExponentMask>(chunk[u]);
+    for (int u = 0; u < kChunksPerThread; ++u) {
+      local += count_in<kExponentShift, kExponentMask>(chunk[u]);
+      if (want_max) largest = max(largest, largest_magnitude_in<kExponentShift, kExponentMask>(chunk[u]));
+    }
+  }
+  if (want_max) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      largest = max(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
+    }
+    if (threadIdx.x % 32 == 0 && largest != 0) atomicMax(v_abs_max + bh, float_bits_of<kExponentShift>(largest));
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) local += __shfl_xor_sync(0xffffffffu, local, offset);
@@ -82,7 +122,7 @@ CheckedTensor checked(const DeviceHeads& tensor) {
 }  // namespace
 
 void count_non_finite(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v, std::int64_t* count,
-                      void* stream) {
+                      unsigned* v_abs_max, void* stream) {
   const int chunks_per_row = q.head_dim / 8;
   std::int64_t most_chunks = 0;
   for (const DeviceHeads* t : {&q, &k, &v}) {
@@ -104,10 +144,10 @@ void count_non_finite(const DeviceHeads& q, const DeviceHeads& k, const DeviceHe
   const auto s = static_cast<cudaStream_t>(stream);
   if (q.dtype == DType::bf16) {
     count_non_finite_kernel<7, 0xffu>
-        <<<grid, kThreads, 0, s>>>(checked(q), checked(k), checked(v), 3, chunks_per_row, counter);
+        <<<grid, kThreads, 0, s>>>(checked(q), checked(k), checked(v), 3, chunks_per_row, counter, v_abs_max);
   } else {
     count_non_finite_kernel<10, 0x1fu>
-        <<<grid, kThreads, 0, s>>>(checked(q), checked(k), checked(v), 3, chunks_per_row, counter);
+        <<<grid, kThreads, 0, s>>>(checked(q), checked(k), checked(v), 3, chunks_per_row, counter, v_abs_max);
   }
   check_launch("count_non_finite_kernel");
 }

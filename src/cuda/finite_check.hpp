@@ -10,8 +10,10 @@ namespace svgear::cuda {
 
 // Adds to *count (device) the number of non-finite elements of q, k and v (one launch; same
 // dtype, head_dim and heads; D a multiple of 8, 16-byte aligned rows, as the CUDA path
-// requires). Asynchronous.
+// requires). With v_abs_max (device, [BH], zeroed) it also leaves there the bits of each head's
+// max |v| over its non-NaN elements, what the EAR probe needs (DeviceKeySummary), so the probe
+// does not read v again. Asynchronous.
 void count_non_finite(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v, std::int64_t* count,
-                      void* stream);
+                      unsigned* v_abs_max, void* stream);
 
 }  // namespace svgear::cuda

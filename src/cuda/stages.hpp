@@ -47,6 +47,9 @@ struct DeviceKeySummary {
   const float* key_means = nullptr;      // [BH][Ck][D]
   const float* value_means = nullptr;    // [BH][Ck][D]
   const std::int32_t* counts = nullptr;  // [BH][Ck]
+  // Optional, for the EAR probe: the bits of max |v| per head [BH] (non-negative floats order
+  // as unsigned), as count_non_finite leaves them; null: the probe reads v once more for them.
+  const unsigned* value_abs_max = nullptr;
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <numeric>
@@ -197,16 +198,36 @@ TEST_P(GpuFiniteCheck, CountsEveryNonFiniteElement) {
   const TestHeads qh = upload_heads(q, c.layout, c.dtype), kh = upload_heads(k, c.layout, c.dtype),
                   vh = upload_heads(v, c.layout, c.dtype);
   DeviceArray<std::int64_t> count(1);
+  DeviceArray<unsigned> v_abs_max(6);
   cuda_ok(cudaMemset(count.get(), 0, sizeof(std::int64_t)), "cudaMemset");
-  cuda::count_non_finite(qh.view, kh.view, vh.view, count.get(), nullptr);
+  cuda_ok(cudaMemset(v_abs_max.get(), 0, 6 * sizeof(unsigned)), "cudaMemset");
+  cuda::count_non_finite(qh.view, kh.view, vh.view, count.get(), nullptr, nullptr);
   EXPECT_EQ(count.download()[0], expected);
 
-  // And the clean tensors count nothing.
-  const TestHeads clean = upload_heads(random_tensor({2, 3, c.k_tokens, c.d}, 14), c.layout, c.dtype);
+  // Max |v| per head is what fmaxf over |v| gives (NaN skipped,
+  // Inf kept), here with one head's largest value negative and another head holding an Inf.
+  HostTensor clean_v = random_tensor({2, 3, c.k_tokens, c.d}, 14);
+  const std::int64_t per_head = c.k_tokens * c.d;
+  clean_v.set(per_head + per_head / 3, -1000.0f);        // head 1
+  clean_v.set(4 * per_head + per_head - 1, INFINITY);   // head 4
+  clean_v.set(5 * per_head, std::nanf(""));             // head 5: skipped by the max, counted
+  const TestHeads clean = upload_heads(clean_v, c.layout, c.dtype);
+  const TestHeads clean_qk = upload_heads(random_tensor({2, 3, c.q_tokens, c.d}, 15), c.layout, c.dtype);
   count.poison();
   cuda_ok(cudaMemset(count.get(), 0, sizeof(std::int64_t)), "cudaMemset");
-  cuda::count_non_finite(clean.view, clean.view, clean.view, count.get(), nullptr);
-  EXPECT_EQ(count.download()[0], 0);
+  cuda::count_non_finite(clean_qk.view, clean_qk.view, clean.view, count.get(), v_abs_max.get(), nullptr);
+  EXPECT_EQ(count.download()[0], 2) << "the Inf and the NaN";
+  const std::vector<unsigned> got = v_abs_max.download();
+  for (int bh = 0; bh < 6; ++bh) {
+    float want = 0.0f;
+    for (std::int64_t i = 0; i < per_head; ++i) {
+      want = std::fmax(want, std::fabs(clean.rows[std::size_t(bh * per_head + i)]));
+    }
+    float have = 0.0f;
+    std::memcpy(&have, &got[std::size_t(bh)], sizeof have);
+    EXPECT_EQ(have, want) << "head " << bh;
+  }
+  EXPECT_EQ(got[4], 0x7f800000u) << "an Inf in v is its head's max";
 }
 
 INSTANTIATE_TEST_SUITE_P(Small, GpuFiniteCheck,
