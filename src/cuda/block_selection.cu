@@ -9,7 +9,9 @@
 // blocks with a non-zero cost up to and including the first one whose running total (floor
 // included) reaches the target. No sort is needed to find that block: a radix select over the
 // 96-bit key (descending priority, ascending index) with cost-weighted histograms, 12 bits per
-// pass, narrows each segment to it in 8 passes over the scores (digit_histogram, choose_digit);
+// pass, narrows each segment to it (digit_histogram, choose_digit): two passes over the scores,
+// then the few blocks left in range are copied out and one CTA finds the other 6 digits among
+// them (collect_candidates, choose_among_candidates; too many left: 6 more passes over all);
 // then every block decides by comparing its key with the segment's (take_blocks_up_to).
 // Top-p mode: a stable segmented sort per row, then one thread walks each row exactly like the
 // CPU loop (sequential float64 mass, so the comparisons with top_p are identical).
@@ -123,6 +125,7 @@ struct SelectState {
   WalkKey prefix;        // its key's leading digits found so far (the rest zero)
   std::int64_t before;   // pairs of the non-floor blocks whose keys are below the prefix's range
   int mode;              // kSearching, kTakeAll (the budget outlasts the segment), kTakeNone
+  int passes_done;       // digits found; a pass over all blocks runs only as the next one
 };
 constexpr int kSearching = 0, kTakeAll = 1, kTakeNone = 2;
 
@@ -148,7 +151,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ unsigned long long bins[kBins];
   const std::int64_t segment = blockIdx.y;
   const SelectState state = states[segment];
-  if (state.mode != kSearching) return;
+  if (state.mode != kSearching || state.passes_done != pass) return;
   for (int b = threadIdx.x; b < kBins; b += kThreads) bins[b] = 0;
   __syncthreads();
   const int shift = kKeyBits - kDigitBits * (pass + 1);
@@ -167,28 +170,25 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One CTA per segment: the digit whose bin holds the block where the running total reaches the
-// target; clears the histogram for the next pass.
-__global__ void __launch_bounds__(kThreads)
-    choose_digit(unsigned long long* histograms, const unsigned long long* floor_pairs, std::int64_t target, int pass,
-                 SelectState* states) {
-  using Scan = cub::BlockScan<unsigned long long, kThreads>;
+// The digit whose bin holds the block where the running total reaches the target, for a CTA of
+// kCtaThreads: updates `state` (a kTakeNone or kTakeAll verdict at pass 0) and clears the bins.
+// Every thread returns the same verdict; the caller writes the state back.
+template <int kCtaThreads>
+__device__ void choose_digit_in_cta(unsigned long long* bins, std::int64_t floor_pairs, std::int64_t target, int pass,
+                                    SelectState& state) {
+  using Scan = cub::BlockScan<unsigned long long, kCtaThreads>;
   __shared__ typename Scan::TempStorage storage;
   __shared__ int chosen;
   __shared__ unsigned long long chosen_before;
-  const std::int64_t segment = blockIdx.x;
-  SelectState state = states[segment];
-  if (state.mode != kSearching) return;
   // Pairs the walk may still take before the wanted block's own: the target less the floor and
   // everything below the prefix's range.
-  const std::int64_t wanted = target - std::int64_t(floor_pairs[segment]) - state.before;
+  const std::int64_t wanted = target - floor_pairs - state.before;
   if (wanted <= 0) {  // only at pass 0: the floor alone spends the budget
-    if (threadIdx.x == 0) states[segment].mode = kTakeNone;
+    state.mode = kTakeNone;
     return;
   }
   if (threadIdx.x == 0) chosen = -1;
-  unsigned long long* bins = histograms + segment * kBins;
-  constexpr int kPerThread = kBins / kThreads;
+  constexpr int kPerThread = kBins / kCtaThreads;
   unsigned long long local[kPerThread], sum = 0;
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) {
@@ -208,15 +208,101 @@ __global__ void __launch_bounds__(kThreads)
     before += local[k];
   }
   __syncthreads();
-  for (int k = threadIdx.x; k < kBins; k += kThreads) bins[k] = 0;
-  if (threadIdx.x != 0) return;
+  for (int k = threadIdx.x; k < kBins; k += kCtaThreads) bins[k] = 0;
   if (chosen < 0) {  // the segment's blocks do not reach the target (pass 0 only)
-    states[segment].mode = kTakeAll;
+    state.mode = kTakeAll;
     return;
   }
   state.prefix |= WalkKey(chosen) << (kKeyBits - kDigitBits * (pass + 1));
   state.before += std::int64_t(chosen_before);
-  states[segment] = state;
+  state.passes_done = pass + 1;
+}
+
+// One CTA per segment: choose_digit_in_cta on the pass's global histogram.
+__global__ void __launch_bounds__(kThreads)
+    choose_digit(unsigned long long* histograms, const unsigned long long* floor_pairs, std::int64_t target, int pass,
+                 SelectState* states) {
+  const std::int64_t segment = blockIdx.x;
+  SelectState state = states[segment];
+  if (state.mode != kSearching || state.passes_done != pass) return;
+  choose_digit_in_cta<kThreads>(histograms + segment * kBins, std::int64_t(floor_pairs[segment]), target, pass, state);
+  if (threadIdx.x == 0) states[segment] = state;
+}
+
+// --- density mode: the last digits among few candidates ---------------------------------------
+//
+// After kWidePasses passes the prefix's range usually holds few blocks (those sharing the
+// priority's sign, exponent and leading mantissa bits): they are copied out once, and one CTA
+// per segment finds the remaining digits among them in shared memory, instead of more passes over
+// every block. A range with more than kCandidateCapacity blocks (e.g. a budget that ends among
+// many equal priorities) is left to the passes over all blocks, which then run as before.
+
+constexpr int kWidePasses = 2;
+constexpr int kCandidateCapacity = 1 << 15;
+constexpr int kCandidateThreads = 1024;
+
+struct Candidate {
+  unsigned long long high;  // key bits 95..32
+  unsigned low;             // key bits 31..0
+  long long cost;
+};
+
+__global__ void __launch_bounds__(kThreads)
+    collect_candidates(Grid grid, std::int64_t segment_length, const float* scores, BlockScore kind,
+                       const std::uint8_t* exact, const SelectState* states, Candidate* candidates, int* counts) {
+  const std::int64_t segment = blockIdx.y;
+  const SelectState state = states[segment];
+  if (state.mode != kSearching || state.passes_done != kWidePasses) return;
+  constexpr int kKnownShift = kKeyBits - kDigitBits * kWidePasses;
+  const std::int64_t first = segment * segment_length;
+  const int lane = threadIdx.x % 32;
+  // Whole warps iterate together (the append is warp-aggregated).
+  for (std::int64_t base = (blockIdx.x * std::int64_t(kThreads) + threadIdx.x) - lane; base < segment_length;
+       base += std::int64_t(gridDim.x) * kThreads) {
+    const std::int64_t i = base + lane;
+    bool keep = false;
+    WalkEntry e{};
+    if (i < segment_length) {
+      e = walk_entry(grid, first + i, scores, kind, exact);
+      keep = e.cost > 0 && (e.key >> kKnownShift) == (state.prefix >> kKnownShift);
+    }
+    const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+    if (ballot == 0) continue;
+    int slot = 0;
+    if (lane == __ffs(ballot) - 1) slot = atomicAdd(&counts[segment], __popc(ballot));
+    slot = __shfl_sync(0xffffffffu, slot, __ffs(ballot) - 1) + __popc(ballot & ((1u << lane) - 1));
+    if (keep && slot < kCandidateCapacity) {
+      candidates[segment * kCandidateCapacity + slot] =
+          Candidate{static_cast<unsigned long long>(e.key >> 32), static_cast<unsigned>(e.key), e.cost};
+    }
+  }
+}
+
+// One CTA per segment: the remaining passes over the segment's candidates.
+__global__ void __launch_bounds__(kCandidateThreads)
+    choose_among_candidates(const Candidate* candidates, const int* counts, const unsigned long long* floor_pairs,
+                            std::int64_t target, SelectState* states) {
+  __shared__ unsigned long long bins[kBins];
+  const std::int64_t segment = blockIdx.x;
+  SelectState state = states[segment];
+  const int count = counts[segment];
+  if (state.mode != kSearching || state.passes_done != kWidePasses || count > kCandidateCapacity) return;
+  const Candidate* mine = candidates + segment * kCandidateCapacity;
+  for (int b = threadIdx.x; b < kBins; b += kCandidateThreads) bins[b] = 0;
+  for (int pass = kWidePasses; pass < kPasses; ++pass) {
+    __syncthreads();  // the bins are clear
+    const int shift = kKeyBits - kDigitBits * (pass + 1);
+    for (int i = threadIdx.x; i < count; i += kCandidateThreads) {
+      const Candidate c = mine[i];
+      const WalkKey key = (WalkKey(c.high) << 32) | WalkKey(c.low);
+      if ((key >> (shift + kDigitBits)) != (state.prefix >> (shift + kDigitBits))) continue;
+      atomicAdd(&bins[int(key >> shift) & (kBins - 1)], static_cast<unsigned long long>(c.cost));
+    }
+    __syncthreads();
+    choose_digit_in_cta<kCandidateThreads>(bins, std::int64_t(floor_pairs[segment]), target, pass, state);
+    if (state.mode != kSearching) break;  // not after pass 0; kept for safety
+  }
+  if (threadIdx.x == 0) states[segment] = state;
 }
 
 // Every non-floor block with a non-zero cost at or before its segment's last block is taken.
@@ -466,7 +552,19 @@ void take_blocks_by_priority(const DeviceBlockGrid& grid, const float* scores, B
   // About 8 CTAs per SM in all, each walking >= 4096 blocks.
   const auto ctas_per_segment =
       unsigned(std::clamp<std::int64_t>((segment_length + 4095) / 4096, 1, std::max<std::int64_t>(1, 1056 / segments)));
+  // The passes over all blocks after the candidates' turn exit at once unless it overflowed.
+  DeviceBuffer<Candidate> candidates(std::size_t(segments) * kCandidateCapacity, s);
+  DeviceBuffer<int> candidate_counts(std::size_t(segments), s);
+  zero_async(candidate_counts.get(), std::size_t(segments), s, "cudaMemsetAsync (candidate counts)");
   for (int pass = 0; pass < kPasses; ++pass) {
+    if (pass == kWidePasses) {
+      collect_candidates<<<dim3(ctas_per_segment, unsigned(segments)), kThreads, 0, s>>>(
+          g, segment_length, scores, kind, work.exact(), states.get(), candidates.get(), candidate_counts.get());
+      check_launch("collect_candidates");
+      choose_among_candidates<<<unsigned(segments), kCandidateThreads, 0, s>>>(
+          candidates.get(), candidate_counts.get(), floor_pairs.get(), target, states.get());
+      check_launch("choose_among_candidates");
+    }
     digit_histogram<<<dim3(ctas_per_segment, unsigned(segments)), kThreads, 0, s>>>(
         g, segment_length, scores, kind, work.exact(), states.get(), pass, histograms.get());
     check_launch("digit_histogram");

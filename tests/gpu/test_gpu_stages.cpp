@@ -729,9 +729,8 @@ std::ostream& operator<<(std::ostream& os, const SelectionShape& c) {
 
 class GpuSelection : public ::testing::TestWithParam<SelectionShape> {};
 
-TEST_P(GpuSelection, DensityBudgetMatchesCpuPolicies) {
-  const SelectionShape shape = GetParam();
-  const SelectionInputs in = selection_inputs(shape.heads, shape.cq, shape.ck, shape.sq, shape.sk, false, 31);
+// Every budget scope, policy, floor and a range of densities against the CPU policies.
+void expect_density_budgets_match_cpu(const SelectionInputs& in) {
   DeviceArray<float> scores(in.scores);
   for (const BudgetScope scope : {BudgetScope::call, BudgetScope::head}) {
     for (const bool error_aware : {false, true}) {
@@ -773,6 +772,22 @@ TEST_P(GpuSelection, DensityBudgetMatchesCpuPolicies) {
       }
     }
   }
+}
+
+TEST_P(GpuSelection, DensityBudgetMatchesCpuPolicies) {
+  const SelectionShape shape = GetParam();
+  expect_density_budgets_match_cpu(selection_inputs(shape.heads, shape.cq, shape.ck, shape.sq, shape.sk, false, 31));
+}
+
+// Equal scores: the walk's order is the block index alone, so the select's last digits (the
+// index bits) decide. At the Large shape one call-wide segment leaves more blocks in range after
+// the first two passes than the candidate buffer holds (the passes over all blocks finish it);
+// a head's segment leaves fewer (the candidates finish it).
+TEST_P(GpuSelection, TiedPrioritiesMatchCpuPolicies) {
+  const SelectionShape shape = GetParam();
+  SelectionInputs in = selection_inputs(shape.heads, shape.cq, shape.ck, shape.sq, shape.sk, false, 37);
+  std::fill(in.scores.begin(), in.scores.end(), 0.5f);
+  expect_density_budgets_match_cpu(in);
 }
 
 TEST_P(GpuSelection, TopPMatchesCpuPolicy) {
