@@ -12,20 +12,25 @@ namespace svgear::cuda {
 
 namespace {
 
+// Calls f with each of the 8 16-bit elements of a 16-byte chunk (their bits, in the low half).
+template <class F>
+__device__ __forceinline__ void for_each_element(uint4 chunk, F f) {
+  const unsigned words[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) f((words[w] >> (16 * half)) & 0xffffu);
+  }
+}
+
 // 16-bit floats are non-finite exactly when their exponent bits are all ones: 5 bits at 10 for
 // f16, 8 bits at 7 for bf16. Checking the bits lets one thread test 8 elements from a 16-byte load.
 template <int kExponentShift, unsigned kExponentMask>
 __device__ __forceinline__ unsigned count_in(uint4 chunk) {
   unsigned count = 0;
-  const unsigned words[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
-#pragma unroll
-  for (int w = 0; w < 4; ++w) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const unsigned bits = (words[w] >> (16 * half)) & 0xffffu;
-      count += ((bits >> kExponentShift) & kExponentMask) == kExponentMask ? 1u : 0u;
-    }
-  }
+  for_each_element(chunk, [&](unsigned bits) {
+    count += ((bits >> kExponentShift) & kExponentMask) == kExponentMask ? 1u : 0u;
+  });
   return count;
 }
 
@@ -36,15 +41,10 @@ template <int kExponentShift, unsigned kExponentMask>
 __device__ __forceinline__ unsigned largest_magnitude_in(uint4 chunk) {
   constexpr unsigned kInfinity = kExponentMask << kExponentShift;
   unsigned largest = 0;
-  const unsigned words[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
-#pragma unroll
-  for (int w = 0; w < 4; ++w) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const unsigned magnitude = (words[w] >> (16 * half)) & 0x7fffu;
-      if (magnitude <= kInfinity) largest = max(largest, magnitude);
-    }
-  }
+  for_each_element(chunk, [&](unsigned bits) {
+    const unsigned magnitude = bits & 0x7fffu;
+    if (magnitude <= kInfinity) largest = max(largest, magnitude);
+  });
   return largest;
 }
 
