@@ -69,7 +69,7 @@ constexpr int kChunksPerThread = 4;  // 16-byte loads in flight per thread and p
 
 // blockIdx.z names the tensor, blockIdx.y the (batch, head); the x blocks stride over that head's
 // 16-byte chunks (row s, chunk c of the row). Index math in 32 bits: a head's chunks are below
-// 2^31 (the caller checks), so the old per-chunk 64-bit divisions are gone.
+// 2^30 (the caller checks), so the old per-chunk 64-bit divisions are gone.
 template <int kExponentShift, unsigned kExponentMask>
 __global__ void __launch_bounds__(kThreads)
     count_non_finite_kernel(CheckedTensor t0, CheckedTensor t1, CheckedTensor t2, int tensors, int chunks_per_row,
@@ -131,7 +131,8 @@ void count_non_finite(const DeviceHeads& q, const DeviceHeads& k, const DeviceHe
     }
     most_chunks = std::max(most_chunks, t->tokens * chunks_per_row);
   }
-  if (most_chunks >= (std::int64_t(1) << 31) - std::int64_t(kThreads) * kChunksPerThread) {
+  // 2^30 chunks (16 GiB per head) keeps the kernel's int32 positions, stride included, below 2^31.
+  if (most_chunks >= (std::int64_t(1) << 30)) {
     throw Error("count_non_finite: " + std::to_string(most_chunks) + " 16-byte chunks per head exceed the int32 index");
   }
   if (q.count() > 65535) throw Error("count_non_finite: more than 65535 (batch, head) pairs in one launch");
