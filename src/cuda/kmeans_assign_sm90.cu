@@ -30,10 +30,7 @@ struct AssignSm90 {
   static constexpr int kWarpgroupRows = 64;  // wgmma M
   static constexpr int kRows = kWarpgroupRows * kWarpgroups;
   static constexpr int kCentroids = kCentroidTile;    // wgmma N: 64 centroids per stage
-  // Two tiles' products can be in use (one being multiplied, one under the argmin) while
-  // kStages - 2 more load. One term: 4 stages, 100 KB, two CTAs per SM; two terms: 3 stages.
-  static constexpr int kStages = kTerms == 1 ? 4 : 3;
-  static constexpr int kCtasPerSm = kTerms == 1 ? 2 : 1;
+  static constexpr int kStages = kTerms == 1 ? 3 : 2;  // <= 114 KB, so two CTAs fit an SM
   static constexpr int kChunks = D / 8;               // 16-byte chunks per row
   static constexpr int kDSteps = D / 16;
   static constexpr int kTermBytes = kCentroids * D * 2;
@@ -44,8 +41,7 @@ struct AssignSm90 {
     float norms[kStages][kCentroids];
     alignas(16) E x[kRows][kTileStride<D>];
   };
-  static_assert(kCtasPerSm * (sizeof(Shared) + 1024) <= 228 * 1024, "kCtasPerSm CTAs fit an SM");
-  static_assert(kStages >= 3, "a stage is refilled two tiles after its use");
+  static_assert(2 * (sizeof(Shared) + 1024) <= 228 * 1024, "two CTAs per SM");
 };
 
 #if defined(SVGEAR_SM90A_ENABLED)
@@ -71,7 +67,7 @@ __device__ __forceinline__ void load_centroid_stage(typename AssignSm90<E, D, kT
 #endif  // SVGEAR_SM90A_ENABLED
 
 template <class E, int D, int kTerms>
-__global__ void __launch_bounds__(AssignSm90<E, D, kTerms>::kThreads, AssignSm90<E, D, kTerms>::kCtasPerSm)
+__global__ void __launch_bounds__(AssignSm90<E, D, kTerms>::kThreads, 2)
     assign_sm90_kernel(DeviceTensor tensor, int heads, std::int64_t tokens, bool aligned16, const E* centroid_hi,
                        const E* centroid_lo, const float* centroid_norms, int clusters, int padded,
                        std::int32_t* labels) {
@@ -90,11 +86,9 @@ __global__ void __launch_bounds__(AssignSm90<E, D, kTerms>::kThreads, AssignSm90
   const E* lo = kTerms > 1 ? centroid_lo + bh * padded * D : nullptr;
   const float* norms = centroid_norms + bh * padded;
   const int tiles = padded / A::kCentroids;
-  // Tiles 0 .. kStages - 3 ahead, one group each (the first also carries x); the loop keeps
-  // kStages - 2 tiles in flight and refills the stage of the tile two back, whose product has
-  // completed everywhere by then.
+  // Stages 0 .. kStages - 2 ahead; the first group also carries x.
 #pragma unroll
-  for (int stage = 0; stage < A::kStages - 2; ++stage) {
+  for (int stage = 0; stage < A::kStages - 1; ++stage) {
     if (stage < tiles) load_centroid_stage<E, D, kTerms>(shared, stage, stage, hi, lo, norms);
     sm80::cp_async_commit();
   }
@@ -103,19 +97,26 @@ __global__ void __launch_bounds__(AssignSm90<E, D, kTerms>::kThreads, AssignSm90
   const int first_row = A::kWarpgroupRows * warpgroup + 16 * warp;  // the warp's 16 rows of the CTA's tile
   std::uint32_t x_fragments[A::kDSteps][4];
   NearestCentroid<1> nearest;
-  float acc[2][A::kCentroids / 2];  // tile t's products in acc[t % 2]
-
-  // Stage `t % kStages` has landed for this thread; the fence hands its copies to the async proxy
-  // (wgmma) and the barrier publishes everyone's. The barrier also means every warpgroup has
-  // waited for its product of tile t - 2, so that tile's stage may be refilled.
-  auto wait_for_tile = [&](int t) {
-    (void)t;
-    sm80::cp_async_wait<A::kStages - 3>();
+#pragma unroll 1
+  for (int t = 0; t < tiles; ++t) {
+    const int stage = t % A::kStages;
+    // Stage t has landed for this thread; the fence hands its copies to the async proxy (wgmma)
+    // and the barrier publishes everyone's. It also means every warpgroup's product of tile
+    // t - 1 has completed, so that stage may be refilled below.
+    sm80::cp_async_wait<A::kStages - 2>();
     sm90::fence_proxy_async();
     __syncthreads();
-  };
-  auto issue_product = [&](int t, float(&out)[A::kCentroids / 2]) {
-    const int stage = t % A::kStages;
+    if (t == 0) {
+#pragma unroll
+      for (int step = 0; step < A::kDSteps; ++step) {
+        sm80::ldmatrix_x4(x_fragments[step], a_fragment<E, D>(&shared.x[0][0], first_row, 16 * step, lane));
+      }
+    }
+    const int ahead = t + A::kStages - 1;
+    if (ahead < tiles) load_centroid_stage<E, D, kTerms>(shared, ahead % A::kStages, ahead, hi, lo, norms);
+    sm80::cp_async_commit();  // possibly empty: keeps one group per tile for the wait above
+
+    float acc[A::kCentroids / 2];
     sm90::fence_operands(x_fragments);
     sm90::wgmma_fence();
 #pragma unroll
@@ -125,56 +126,14 @@ __global__ void __launch_bounds__(AssignSm90<E, D, kTerms>::kThreads, AssignSm90
         const std::uint64_t b = sm90::make_descriptor(
             sm80::shared_address(shared.centroids[stage][term]) + sm90::swizzled_offset<A::kCentroids>(0, 2 * step),
             16, sm90::kSwizzleAtomBytes);
-        sm90::wgmma_rs_m64n64k16<E>(out, x_fragments[step], b, term > 0 || step > 0 ? 1 : 0);
+        sm90::wgmma_rs_m64n64k16<E>(acc, x_fragments[step], b, term > 0 || step > 0 ? 1 : 0);
       }
     }
     sm90::wgmma_commit();
-  };
-  // Tile t + kStages - 2 into the stage tile t - 2 used (one commit group per call, possibly empty,
-  // so the wait count above stays right).
-  auto refill = [&](int t) {
-    const int ahead = t + A::kStages - 2;
-    if (ahead < tiles) load_centroid_stage<E, D, kTerms>(shared, ahead % A::kStages, ahead, hi, lo, norms);
-    sm80::cp_async_commit();
-  };
-  auto take = [&](int t, float(&in)[A::kCentroids / 2]) {
-    sm90::fence_operands(in);
-    nearest.take(reinterpret_cast<const float(&)[1][A::kCentroids / 8][4]>(in), t, clusters,
-                 shared.norms[t % A::kStages], lane % 4);
-  };
-
-  // Tile t's product is issued before tile t - 1's argmin, so the argmin (and the barrier) run
-  // while the tensor cores work.
-  wait_for_tile(0);
-#pragma unroll
-  for (int step = 0; step < A::kDSteps; ++step) {
-    sm80::ldmatrix_x4(x_fragments[step], a_fragment<E, D>(&shared.x[0][0], first_row, 16 * step, lane));
-  }
-  refill(0);
-  issue_product(0, acc[0]);
-  // Tile t's product into acc[t % 2], then tile t - 1's argmin from the other set. Pairs of tiles
-  // per trip keep both sets named and the steady state free of branches (ptxas then overlaps
-  // the argmin with the MMAs instead of serialising them).
-  auto next = [&](int t, float(&product)[A::kCentroids / 2], float(&previous)[A::kCentroids / 2]) {
-    wait_for_tile(t);
-    refill(t);
-    issue_product(t, product);
-    sm90::wgmma_wait<1>();
-    take(t - 1, previous);
-  };
-  int t = 1;
-#pragma unroll 1
-  for (; t + 1 < tiles; t += 2) {
-    next(t, acc[1], acc[0]);
-    next(t + 1, acc[0], acc[1]);
-  }
-  if (t < tiles) {
-    next(t, acc[1], acc[0]);
     sm90::wgmma_wait<0>();
-    take(t, acc[1]);
-  } else {
-    sm90::wgmma_wait<0>();
-    take(t - 1, acc[0]);
+    sm90::fence_operands(acc);
+    nearest.take(reinterpret_cast<const float(&)[1][A::kCentroids / 8][4]>(acc), t, clusters, shared.norms[stage],
+                 lane % 4);
   }
   nearest.store(labels + bh * tokens, row0 + first_row, tokens, lane);
   sm80::cp_async_wait<0>();  // no copy in flight behind an exited thread (only empty groups remain)
