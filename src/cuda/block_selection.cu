@@ -144,6 +144,12 @@ __device__ __forceinline__ WalkEntry walk_entry(const Grid& grid, std::int64_t f
   return {walk_key(block_priority(scores[flat], pairs, kind), flat), exact[flat] != 0 ? 0 : pairs};
 }
 
+// Whether `key` has the leading digits the passes before `pass` found (every key does at pass 0).
+__device__ __forceinline__ bool in_prefix_range(WalkKey key, WalkKey prefix, int pass) {
+  const int unknown_bits = kKeyBits - kDigitBits * pass;
+  return pass == 0 || (key >> unknown_bits) == (prefix >> unknown_bits);
+}
+
 // Pass `pass`: per segment, the pairs of the blocks inside the prefix's range, by their next digit.
 __global__ void __launch_bounds__(kThreads)
     digit_histogram(Grid grid, std::int64_t segment_length, const float* scores, BlockScore kind,
@@ -160,7 +166,7 @@ __global__ void __launch_bounds__(kThreads)
        i += std::int64_t(gridDim.x) * kThreads) {
     const WalkEntry e = walk_entry(grid, first + i, scores, kind, exact);
     if (e.cost == 0) continue;
-    if (pass > 0 && (e.key >> (shift + kDigitBits)) != (state.prefix >> (shift + kDigitBits))) continue;
+    if (!in_prefix_range(e.key, state.prefix, pass)) continue;
     atomicAdd(&bins[int(e.key >> shift) & (kBins - 1)], static_cast<unsigned long long>(e.cost));
   }
   __syncthreads();
@@ -253,7 +259,6 @@ __global__ void __launch_bounds__(kThreads)
   const std::int64_t segment = blockIdx.y;
   const SelectState state = states[segment];
   if (state.mode != kSearching || state.passes_done != kWidePasses) return;
-  constexpr int kKnownShift = kKeyBits - kDigitBits * kWidePasses;
   const std::int64_t first = segment * segment_length;
   const int lane = threadIdx.x % 32;
   // Whole warps iterate together (the append is warp-aggregated).
@@ -264,7 +269,7 @@ __global__ void __launch_bounds__(kThreads)
     WalkEntry e{};
     if (i < segment_length) {
       e = walk_entry(grid, first + i, scores, kind, exact);
-      keep = e.cost > 0 && (e.key >> kKnownShift) == (state.prefix >> kKnownShift);
+      keep = e.cost > 0 && in_prefix_range(e.key, state.prefix, kWidePasses);
     }
     const unsigned ballot = __ballot_sync(0xffffffffu, keep);
     if (ballot == 0) continue;
@@ -295,7 +300,7 @@ __global__ void __launch_bounds__(kCandidateThreads)
     for (int i = threadIdx.x; i < count; i += kCandidateThreads) {
       const Candidate c = mine[i];
       const WalkKey key = (WalkKey(c.high) << 32) | WalkKey(c.low);
-      if ((key >> (shift + kDigitBits)) != (state.prefix >> (shift + kDigitBits))) continue;
+      if (!in_prefix_range(key, state.prefix, pass)) continue;
       atomicAdd(&bins[int(key >> shift) & (kBins - 1)], static_cast<unsigned long long>(c.cost));
     }
     __syncthreads();

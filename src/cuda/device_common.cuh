@@ -155,4 +155,9 @@ __device__ __forceinline__ T warp_sum(T x) {
   return x;
 }
 
+__device__ __forceinline__ unsigned warp_max(unsigned x) {
+  for (int offset = 16; offset > 0; offset >>= 1) x = max(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+
 }  // namespace svgear::cuda::detail

@@ -4,9 +4,8 @@
 #include <algorithm>
 #include <string>
 
-#include "cuda/cuda_check.hpp"
+#include "cuda/device_common.cuh"
 #include "cuda/finite_check.hpp"
-#include "svgear/error.hpp"
 
 namespace svgear::cuda {
 
@@ -72,10 +71,9 @@ constexpr int kChunksPerThread = 4;  // 16-byte loads in flight per thread and p
 // 2^30 (the caller checks), so the old per-chunk 64-bit divisions are gone.
 template <int kExponentShift, unsigned kExponentMask>
 __global__ void __launch_bounds__(kThreads)
-    count_non_finite_kernel(CheckedTensor t0, CheckedTensor t1, CheckedTensor t2, int tensors, int chunks_per_row,
+    count_non_finite_kernel(CheckedTensor t0, CheckedTensor t1, CheckedTensor t2, int chunks_per_row,
                             unsigned long long* count, unsigned* v_abs_max) {
   const CheckedTensor& t = blockIdx.z == 0 ? t0 : blockIdx.z == 1 ? t1 : t2;
-  if (int(blockIdx.z) >= tensors) return;
   const int bh = int(blockIdx.y);
   const std::int64_t head_offset = std::int64_t(bh / t.heads) * t.stride_b + std::int64_t(bh % t.heads) * t.stride_h;
   const unsigned char* head = t.data + 2 * head_offset;
@@ -102,14 +100,10 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (want_max) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      largest = max(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
-    }
+    largest = detail::warp_max(largest);
     if (threadIdx.x % 32 == 0 && largest != 0) atomicMax(v_abs_max + bh, float_bits_of<kExponentShift>(largest));
   }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) local += __shfl_xor_sync(0xffffffffu, local, offset);
+  local = detail::warp_sum(local);
   if (threadIdx.x % 32 == 0 && local != 0) atomicAdd(count, static_cast<unsigned long long>(local));
 }
 
@@ -145,10 +139,10 @@ void count_non_finite(const DeviceHeads& q, const DeviceHeads& k, const DeviceHe
   const auto s = static_cast<cudaStream_t>(stream);
   if (q.dtype == DType::bf16) {
     count_non_finite_kernel<7, 0xffu>
-        <<<grid, kThreads, 0, s>>>(checked(q), checked(k), checked(v), 3, chunks_per_row, counter, v_abs_max);
+        <<<grid, kThreads, 0, s>>>(checked(q), checked(k), checked(v), chunks_per_row, counter, v_abs_max);
   } else {
     count_non_finite_kernel<10, 0x1fu>
-        <<<grid, kThreads, 0, s>>>(checked(q), checked(k), checked(v), 3, chunks_per_row, counter, v_abs_max);
+        <<<grid, kThreads, 0, s>>>(checked(q), checked(k), checked(v), chunks_per_row, counter, v_abs_max);
   }
   check_launch("count_non_finite_kernel");
 }
