@@ -213,7 +213,9 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
       if (policy->needs_error_probe()) {
         const cpu::KeyClusterSummary summary{plan.key_means.data(), plan.value_means.data(), stats.grid.k_sizes.data()};
         std::vector<float> mean_queries;
-        if (config.probe_mean) mean_queries = cpu::mean_probe_queries(plan.qp.data(), plan.q_layout, d, q.dtype);
+        // Q's final centroids are the means of exactly these clusters (k-means ends with an update),
+        // as the CUDA pipeline takes them: no second pass over the queries.
+        if (config.probe_mean) mean_queries = cpu::probe_queries_from_means(q_clusters.centroids, q.dtype);
         const cpu::ProbeRows rows{config.probe_queries, config.probe_mean ? mean_queries.data() : nullptr};
         stats.compensation_error = cpu::probe_compensation_error(plan.qp.data(), plan.kp.data(), plan.vp.data(), d,
                                                                  plan.q_layout, plan.k_layout, summary, rows);

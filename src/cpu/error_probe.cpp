@@ -10,7 +10,10 @@
 namespace svgear::cpu {
 
 std::vector<float> mean_probe_queries(const float* qp, const ClusterLayout& queries, std::int64_t d, DType dtype) {
-  std::vector<float> means = cluster_means(qp, queries.offsets, d);
+  return probe_queries_from_means(cluster_means(qp, queries.offsets, d), dtype);
+}
+
+std::vector<float> probe_queries_from_means(std::vector<float> means, DType dtype) {
   for (float& x : means) x = round_to_dtype(x, dtype);
   return means;
 }

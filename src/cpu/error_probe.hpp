@@ -26,6 +26,10 @@ struct ProbeRows {
 // rounded to `dtype`, as a 16-bit GPU path holds it (the CUDA probe builds the same vectors).
 std::vector<float> mean_probe_queries(const float* qp, const ClusterLayout& queries, std::int64_t d, DType dtype);
 
+// The same rows from means already at hand (the pipeline's: Q's final k-means centroids, the means
+// of exactly the final clusters), rounded to `dtype`.
+std::vector<float> probe_queries_from_means(std::vector<float> means, DType dtype);
+
 // Returns [C_q * C_k]: for block (i, j), n^Q_i times the mean over the probe rows q of cluster i
 // of ||o_j'(q) - o(q)||^2, where o is q's exact output and o_j' its output with only key cluster
 // j replaced by (n_j, mu_j, vbar_j). Squared errors because the quality metric is the L2 norm

@@ -303,9 +303,18 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
     const DeviceLayout q_layout{q_order.get(), q_offsets.get(), cq}, k_layout{k_order.get(), k_offsets.get(), ck};
     const float* key_means = cache->k;
     value_means = DeviceBuffer<float>(std::size_t(bh * ck * d), stream);
-    cluster_means(vh, k_layout, value_means.get(), nullptr, stream);
     scores = DeviceBuffer<float>(std::size_t(bh * cq * ck), stream);
-    const DeviceKeySummary summary{key_means, value_means.get(), k_counts.get(), v_abs_max.get()};
+    DeviceKeySummary summary{key_means, value_means.get(), k_counts.get(), v_abs_max.get()};
+    // The EAR probe's fp16 copy of v in key order comes out of the value means' read of v, and its
+    // mean rows are Q's final centroids (the means of exactly these query clusters).
+    DeviceBuffer<std::uint16_t> scaled_values(probes ? std::size_t(bh * sk * d) : 0, stream);
+    if (probes) {
+      value_summary(vh, k_layout, v_abs_max.get(), value_means.get(), scaled_values.get(), stream);
+      summary.scaled_values = scaled_values.get();
+      summary.query_means = cache->q;
+    } else {
+      cluster_means(vh, k_layout, value_means.get(), nullptr, stream);
+    }
     if (config.policy == SelectionPolicyKind::error_aware) {
       probe_compensation_error(qh, kh, vh, q_layout, k_layout, summary, config.probe_queries, config.probe_mean,
                                scores.get(), stream);

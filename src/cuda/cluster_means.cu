@@ -1,10 +1,14 @@
 // Per-cluster means of rows read through a cluster layout (cpu::cluster_means), and the same
 // reduction as k-means' update step (cpu::update_centroids). One CTA per (cluster, head): the
 // sums are float64 in a fixed order, so the result is deterministic and, for 16-bit inputs,
-// equal to the CPU's float64 sums in practice.
+// equal to the CPU's float64 sums in practice. value_summary also writes the EAR probe's fp16
+// copy of v in key-cluster order from the same loads.
+#include <cuda_fp16.h>
+
 #include <string>
 
 #include "cuda/device_common.cuh"
+#include "cuda/scaled_values.cuh"
 #include "cuda/stage_internals.cuh"
 
 namespace svgear::cuda {
@@ -19,7 +23,7 @@ template <class E, int D, EmptyCluster kEmpty>
 __global__ void __launch_bounds__(kMeanWarps * 32)
     segment_means_kernel(DeviceTensor tensor, int heads, std::int64_t tokens, const std::int32_t* order,
                          const std::int32_t* offsets, int clusters, float* means, std::int32_t* counts,
-                         double* objective_parts) {
+                         double* objective_parts, const unsigned* max_bits, __half* scaled) {
   constexpr int kPerLane = D / 32;  // lane owns elements lane + 32 e: each load is coalesced
   __shared__ double partial[kMeanWarps][D];
   __shared__ double partial_objective[kMeanWarps];
@@ -47,6 +51,9 @@ __global__ void __launch_bounds__(kMeanWarps * 32)
   }
   const HeadRows<E> rows = head_rows<E>(tensor, heads, bh);
   const std::int32_t* head_order = order + bh * tokens;
+  // The scaled copy (value_summary), row p of the head at scaled[bh][p].
+  const float scale = scaled != nullptr ? ldexpf(1.0f, value_exponent(max_bits[bh])) : 0.0f;
+  __half* scaled_rows = scaled != nullptr ? scaled + bh * tokens * D : nullptr;
   double sum[kPerLane] = {};
   double objective = 0.0;
 #pragma unroll 4  // several rows' loads in flight per warp
@@ -56,6 +63,7 @@ __global__ void __launch_bounds__(kMeanWarps * 32)
     for (int e = 0; e < kPerLane; ++e) {
       const float x = Element<E>::to_float(row[lane + 32 * e]);
       sum[e] += double(x);
+      if (scaled_rows != nullptr) scaled_rows[std::int64_t(p) * D + lane + 32 * e] = scaled_value(x, scale);
       if constexpr (kEmpty == EmptyCluster::keep) {
         const double diff = double(x) - double(previous[e]);
         objective += diff * diff;
@@ -94,10 +102,12 @@ void segment_means(const DeviceHeads& rows, const std::int32_t* order, const std
     constexpr int D = decltype(dim)::value;
     if (empty == EmptyCluster::zero) {
       segment_means_kernel<E, D, EmptyCluster::zero><<<grid, kMeanWarps * 32, 0, stream>>>(
-          rows.tensor, rows.heads, rows.tokens, order, offsets, clusters, means, counts, objective_parts);
+          rows.tensor, rows.heads, rows.tokens, order, offsets, clusters, means, counts, objective_parts, nullptr,
+          nullptr);
     } else {
       segment_means_kernel<E, D, EmptyCluster::keep><<<grid, kMeanWarps * 32, 0, stream>>>(
-          rows.tensor, rows.heads, rows.tokens, order, offsets, clusters, means, counts, objective_parts);
+          rows.tensor, rows.heads, rows.tokens, order, offsets, clusters, means, counts, objective_parts, nullptr,
+          nullptr);
     }
     check_launch("segment_means_kernel");
   });
@@ -115,6 +125,28 @@ void cluster_means(const DeviceHeads& rows, const DeviceLayout& layout, float* m
     throw Error("cluster_means: the layout has " + std::to_string(layout.clusters) + " clusters");
   detail::segment_means(rows, layout.order, layout.offsets, layout.clusters, detail::EmptyCluster::zero, means, counts,
                         nullptr, detail::as_stream(stream));
+}
+
+void value_summary(const DeviceHeads& v, const DeviceLayout& keys, const unsigned* value_abs_max, float* value_means,
+                   std::uint16_t* scaled_values, void* stream) {
+  detail::validate_heads(v, "v");
+  if (keys.order == nullptr || keys.offsets == nullptr || value_abs_max == nullptr || value_means == nullptr ||
+      scaled_values == nullptr) {
+    throw Error("value_summary: the key layout, value_abs_max, value_means and scaled_values must be device pointers, "
+                "got a null one");
+  }
+  if (keys.clusters < 1) throw Error("value_summary: the layout has " + std::to_string(keys.clusters) + " clusters");
+  detail::require_heads_per_launch(v.count(), "value_summary");
+  const dim3 grid(unsigned(keys.clusters), unsigned(v.count()));
+  detail::dispatch_element_and_dim(v.dtype, v.head_dim, [&](auto element, auto dim) {
+    using E = decltype(element);
+    constexpr int D = decltype(dim)::value;
+    detail::segment_means_kernel<E, D, detail::EmptyCluster::zero>
+        <<<grid, detail::kMeanWarps * 32, 0, detail::as_stream(stream)>>>(
+            v.tensor, v.heads, v.tokens, keys.order, keys.offsets, keys.clusters, value_means, nullptr, nullptr,
+            value_abs_max, reinterpret_cast<__half*>(scaled_values));
+    check_launch("segment_means_kernel (value_summary)");
+  });
 }
 
 }  // namespace svgear::cuda

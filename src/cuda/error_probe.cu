@@ -3,9 +3,10 @@
 // The probe queries of a head (at most min(Cq * probes, Sq) rows) are listed first, cluster
 // after cluster. Then, per head:
 //   prep:    max |v| per head, and v in key-cluster order times 2^e as fp16, with e putting the
-//            head's largest |v| in [2^14, 2^15) (probe_common.cuh): the P V products below run
+//            head's largest |v| in [2^14, 2^15) (scaled_values.cuh): the P V products below run
 //            on fp16 operands, exact for the bf16 values, and P keeps 11 significant bits where
-//            a bf16 P would keep 8; the key means as hi + lo 16-bit terms (packed_centroids.cuh).
+//            a bf16 P would keep 8 (the pipeline hands both in: the input check leaves the max,
+//            value_summary the copy); the key means as hi + lo 16-bit terms (packed_centroids.cuh).
 //   sweep 1: (probe_exact_sweep.cuh) the online softmax of every probe row over each chunk of
 //            keys, merged into the row max m, denominator M and exact output o.
 //   sweep 2: (probe_cluster_sweep.cuh) per CTA one chunk of whole key clusters: per cluster j
@@ -99,14 +100,16 @@ __global__ void __launch_bounds__(256)
 
 // With mean rows: the probe rows' queries as their own [BH][row_capacity][D] tensor, so the sweeps
 // read them through the identity row_token this kernel leaves. A sampled row copies its token's
-// q; a mean row is its cluster's mean query, summed in double over the members in permuted order
-// and rounded to E, as cpu::cluster_means and the CPU pipeline do, so both paths probe the same
-// vector bit for bit. Rows past the head's count are zeros. One warp per row.
+// q; a mean row is its cluster's mean query rounded to E: the caller's (query_means, the
+// pipeline's Q centroids, as the CPU pipeline takes them), else summed in double over the
+// members in permuted order and divided by the size, as cpu::mean_probe_queries does; either
+// way both paths probe the same vector bit for bit. Rows past the head's count are zeros. One
+// warp per row.
 template <class E, int D>
 __global__ void mean_probe_rows(DeviceTensor q, int heads, std::int64_t sq, std::int64_t heads_total,
                                 const std::int32_t* q_order, const std::int32_t* q_offsets, int query_clusters,
                                 std::int64_t row_capacity, std::int32_t* row_token, const std::int32_t* row_cluster,
-                                const std::int32_t* row_count, E* rows_out) {
+                                const std::int32_t* row_count, const float* query_means, E* rows_out) {
   const int lane = threadIdx.x % 32;
   const std::int64_t warps = std::int64_t(gridDim.x) * (blockDim.x / 32);
   for (std::int64_t w = (blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x) / 32; w < heads_total * row_capacity;
@@ -119,6 +122,10 @@ __global__ void mean_probe_rows(DeviceTensor q, int heads, std::int64_t sq, std:
       if (token >= 0) {
 #pragma unroll
         for (int e = 0; e < D / 32; ++e) sum[e] = Element<E>::to_float(q_rows.row(token)[lane + 32 * e]);
+      } else if (query_means != nullptr) {
+        const float* mean = query_means + (bh * query_clusters + row_cluster[w]) * D;
+#pragma unroll
+        for (int e = 0; e < D / 32; ++e) sum[e] = mean[lane + 32 * e];
       } else {
         const std::int32_t* offsets = q_offsets + bh * (query_clusters + 1);
         const std::int32_t cluster = row_cluster[w];
@@ -181,11 +188,11 @@ __global__ void scaled_values_kernel(DeviceTensor v, int heads, std::int64_t tok
   for (std::int64_t w = (blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x) / 32; w < heads_total * tokens;
        w += warps) {
     const std::int64_t bh = w / tokens;
-    const float scale = ldexpf(1.0f, probe::value_exponent(max_bits[bh]));
+    const float scale = ldexpf(1.0f, value_exponent(max_bits[bh]));
     const E* row = head_rows<E>(v, heads, bh).row(k_order[w]);
 #pragma unroll
     for (int e = 0; e < D / 32; ++e) {
-      out[w * D + lane + 32 * e] = __float2half_rn(Element<E>::to_float(row[lane + 32 * e]) * scale);
+      out[w * D + lane + 32 * e] = scaled_value(Element<E>::to_float(row[lane + 32 * e]), scale);
     }
   }
 }
@@ -214,6 +221,9 @@ void validate_probe_inputs(const DeviceHeads& q, const DeviceHeads& k, const Dev
   }
   if (queries.clusters < 1 || keys.clusters < 1) {
     throw Error("probe_compensation_error: need at least one query and one key cluster");
+  }
+  if (summary.scaled_values != nullptr && summary.value_abs_max == nullptr) {
+    throw Error("probe_compensation_error: summary.scaled_values needs the value_abs_max its scale came from");
   }
   if (reinterpret_cast<std::uintptr_t>(summary.value_means) % 16 != 0) {
     throw Error("probe_compensation_error: summary.value_means must be 16-byte aligned (a whole cudaMalloc'd array)");
@@ -305,7 +315,7 @@ void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
   if (mean_row) {
     mean_probe_rows<E, D><<<grid_for(heads_total * capacity * 32, 256), 256, 0, s>>>(
         q.tensor, q.heads, q.tokens, heads_total, queries.order, queries.offsets, cq, capacity, row_token.get(),
-        row_cluster.get(), row_count.get(), mean_rows.get());
+        row_cluster.get(), row_count.get(), summary.query_means, mean_rows.get());
     check_launch("mean_probe_rows");
     probe_q = DeviceTensor{mean_rows.get(), std::int64_t(q.heads) * capacity * D, capacity * D, D};
     probe_q_aligned = true;  // whole rows of 64 or 128 16-bit elements from one allocation
@@ -322,10 +332,15 @@ void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
     check_launch("value_abs_max_kernel");
     value_abs_max = value_max.get();
   }
-  DeviceBuffer<__half> values(std::size_t(heads_total * k.tokens * D), s);
-  scaled_values_kernel<E, D><<<grid_for(heads_total * k.tokens * 32, 256), 256, 0, s>>>(
-      v.tensor, v.heads, k.tokens, heads_total, keys.order, value_abs_max, values.get());
-  check_launch("scaled_values_kernel");
+  // v in key order as scaled fp16: the caller's (value_summary), else written here.
+  DeviceBuffer<__half> own_values(summary.scaled_values != nullptr ? 0 : std::size_t(heads_total * k.tokens * D), s);
+  const __half* values = reinterpret_cast<const __half*>(summary.scaled_values);
+  if (values == nullptr) {
+    scaled_values_kernel<E, D><<<grid_for(heads_total * k.tokens * 32, 256), 256, 0, s>>>(
+        v.tensor, v.heads, k.tokens, heads_total, keys.order, value_abs_max, own_values.get());
+    check_launch("scaled_values_kernel");
+    values = own_values.get();
+  }
   PackedCentroids<E, D> means(heads_total, ck, 2, s);
   means.pack(summary.key_means);
 
@@ -338,7 +353,7 @@ void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
   a.sk = k.tokens;
   a.q_aligned = probe_q_aligned;
   a.k_aligned = rows_aligned_16(k);
-  a.values = values.get();
+  a.values = values;
   a.value_abs_max = value_abs_max;
   a.q_offsets = queries.offsets;
   a.k_order = keys.order;

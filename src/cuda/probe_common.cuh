@@ -1,6 +1,5 @@
 // What the EAR probe's kernels share (error_probe.cu, probe_exact_sweep.cuh,
-// probe_cluster_sweep.cuh): the CTA shape, the arguments, the fp16 value scale and the
-// key/value tile loads.
+// probe_cluster_sweep.cuh): the CTA shape, the arguments and the key/value tile loads.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -9,6 +8,7 @@
 
 #include "cuda/device_common.cuh"
 #include "cuda/mma_tiles.cuh"
+#include "cuda/scaled_values.cuh"
 
 namespace svgear::cuda::detail::probe {
 
@@ -66,17 +66,6 @@ struct Args {
   const std::int32_t* key_counts;  // [BH][Ck]
   float* error;                    // [BH][Cq][Ck], zeroed
 };
-
-// e with max |v| 2^e in [2^14, 2^15): v 2^e fits fp16 (largest finite 65504), and only values
-// under 2^-24 (2^-38 of the scaled maximum) lose bits to fp16's subnormals. 0 for an all-zero
-// or non-finite head; clamped so 2^e and 2^-2e stay finite floats.
-__device__ __forceinline__ int value_exponent(unsigned max_bits) {
-  const float m = __uint_as_float(max_bits);
-  if (!(m > 0.0f) || !isfinite(m)) return 0;
-  int x = 0;
-  frexpf(m, &x);  // m = f 2^x, f in [0.5, 1)
-  return min(max(15 - x, -60), 60);
-}
 
 // The tokens of one key tile (k_order at positions first .. first + 63, -1 at or past `end`),
 // held in registers by every warp: lane l keeps positions first + l and first + 32 + l. Loaded

@@ -50,6 +50,14 @@ struct DeviceKeySummary {
   // Optional, for the EAR probe: the bits of max |v| per head [BH] (non-negative floats order
   // as unsigned), as count_non_finite leaves them; null: the probe reads v once more for them.
   const unsigned* value_abs_max = nullptr;
+  // Optional, for the EAR probe: v in key-cluster order times 2^e as fp16 bits [BH][Sk][D], as
+  // value_summary leaves it (e from value_abs_max, which must then be given too); null: the probe
+  // writes this copy itself, reading v once more.
+  const std::uint16_t* scaled_values = nullptr;
+  // Optional, for the EAR probe's mean rows: each query cluster's mean query [BH][Cq][D] (the
+  // pipeline passes Q's final k-means centroids, the means of exactly the final clusters); null:
+  // the probe sums each cluster's members itself (double sums, divided by the size).
+  const float* query_means = nullptr;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -105,6 +113,13 @@ void cluster_layout(const std::int32_t* labels, std::int64_t heads_total, std::i
 void cluster_means(const DeviceHeads& rows, const DeviceLayout& layout, float* means, std::int32_t* counts,
                    void* stream);
 
+// The value side of the key summary in one gathered read of v: value_means as cluster_means
+// gives them, and the EAR probe's copy of v in key-cluster order times 2^e as fp16 bits
+// (scaled_values [BH][Sk][D]), e per head putting max |v| (value_abs_max: count_non_finite's
+// bits) in [2^14, 2^15). Pass both to probe_compensation_error through DeviceKeySummary.
+void value_summary(const DeviceHeads& v, const DeviceLayout& keys, const unsigned* value_abs_max, float* value_means,
+                   std::uint16_t* scaled_values, void* stream);
+
 // ---------------------------------------------------------------------------------------------
 // 4. Centroid criticality (cpu::centroid_criticality): P[bh][i][j] = softmax over j of
 //    mu^Q_i . mu^K_j / sqrt(D) + ln n_j, and 0 for empty key clusters (n_j = 0).
@@ -117,7 +132,8 @@ void centroid_criticality(const float* q_centroids, const float* key_means, cons
 //    sum over probe queries q of cluster i of ||o_j'(q) - o(q)||^2; 0 for empty clusters.
 //    Probe p of cluster i is the query at permuted position offsets[i] + (2p+1) size / (2
 //    sampled_i), sampled_i = min(probes_per_cluster, size); with mean_row one more, the
-//    cluster's mean query (double sum, rounded to q's dtype, as the CPU pipeline builds it), so
+//    cluster's mean query rounded to q's dtype (summary.query_means, else a double sum over the
+//    members divided by the size, as cpu::mean_probe_queries builds it), so
 //    probes_i = sampled_i + 1. Two sweeps over each head's keys on
 //    tensor cores, both split across CTAs by key chunks: the exact row max, denominator and
 //    output first, then per key cluster its mass and sum of exp * v against its centroid

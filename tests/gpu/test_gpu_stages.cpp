@@ -592,6 +592,59 @@ TEST_P(GpuProbe, MatchesCpuWithinOnePerMilleOfTheLargestError) {
       EXPECT_NEAR(got[at], want[at], 1e-3 * largest + 1e-7) << "head " << bh << " block " << b;
     }
   }
+
+  // With the pipeline's inputs (value_summary's fp16 copy of v and value means, max |v| from the
+  // caller, the mean rows from the caller's query means) the errors are the same bit for bit.
+  std::vector<unsigned> max_bits(std::size_t(bh_count), 0u);
+  std::vector<float> query_means;
+  for (int bh = 0; bh < bh_count; ++bh) {
+    float largest = 0.0f;
+    for (std::int64_t i = 0; i < c.sk * c.d; ++i) largest = std::max(largest, std::fabs(v.head(bh)[i]));
+    std::memcpy(&max_bits[std::size_t(bh)], &largest, sizeof(float));
+    const std::vector<float> qp = gather(q.head(bh), c.d, ql.heads[std::size_t(bh)]);
+    const std::vector<float> qm = cpu::cluster_means(qp.data(), ql.heads[std::size_t(bh)].offsets, c.d);
+    query_means.insert(query_means.end(), qm.begin(), qm.end());
+  }
+  DeviceArray<unsigned> device_max(max_bits);
+  DeviceArray<float> device_query_means(query_means), summary_value_means(value_means.size());
+  DeviceArray<std::uint16_t> scaled_values(std::size_t(bh_count * c.sk * c.d));
+  cuda::value_summary(v.view, {k_order.get(), k_offsets.get(), c.ck}, device_max.get(), summary_value_means.get(),
+                      scaled_values.get(), nullptr);
+  const auto got_value_means = summary_value_means.download();
+  for (std::size_t i = 0; i < value_means.size(); ++i) {
+    ASSERT_FLOAT_EQ(got_value_means[i], value_means[i]) << "value mean element " << i;
+  }
+  cuda::DeviceKeySummary summary{device_key_means.get(), device_value_means.get(), device_counts.get()};
+  summary.value_abs_max = device_max.get();
+  summary.scaled_values = scaled_values.get();
+  summary.query_means = device_query_means.get();
+  DeviceArray<float> error_with_inputs(want.size());
+  cuda::probe_compensation_error(q.view, k.view, v.view, {q_order.get(), q_offsets.get(), c.cq},
+                                 {k_order.get(), k_offsets.get(), c.ck}, summary, c.probes, c.mean_row,
+                                 error_with_inputs.get(), nullptr);
+  const auto got_with_inputs = error_with_inputs.download();
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    ASSERT_EQ(got_with_inputs[i], got[i]) << "block " << i << " with the pipeline's inputs";
+  }
+}
+
+TEST(GpuProbeSmall, RejectsScaledValuesWithoutTheirMax) {
+  const TestHeads x = upload_heads(svgear::testing::random_tensor({1, 1, 8, 64}, 5, 1.0), Layout::bhsd);
+  DeviceArray<std::int32_t> order(std::vector<std::int32_t>{0, 1, 2, 3, 4, 5, 6, 7}), offsets(std::vector<std::int32_t>{0, 8});
+  DeviceArray<float> means(64), error(1);
+  DeviceArray<std::int32_t> counts(std::vector<std::int32_t>{8});
+  DeviceArray<std::uint16_t> scaled(8 * 64);
+  cuda::DeviceKeySummary summary{means.get(), means.get(), counts.get()};
+  summary.scaled_values = scaled.get();
+  try {
+    cuda::probe_compensation_error(x.view, x.view, x.view, {order.get(), offsets.get(), 1}, {order.get(), offsets.get(), 1},
+                                   summary, 1, false, error.get(), nullptr);
+    FAIL() << "accepted scaled values without value_abs_max";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("value_abs_max"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(cuda::value_summary(x.view, {order.get(), offsets.get(), 1}, nullptr, means.get(), scaled.get(), nullptr),
+               Error);
 }
 
 INSTANTIATE_TEST_SUITE_P(Small, GpuProbe,
