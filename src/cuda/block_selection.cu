@@ -555,8 +555,9 @@ void take_blocks_by_priority(const DeviceBlockGrid& grid, const float* scores, B
   zero_async(states.get(), std::size_t(segments), s, "cudaMemsetAsync (select states)");  // prefix 0, searching
   zero_async(histograms.get(), std::size_t(segments) * kBins, s, "cudaMemsetAsync (histograms)");
   // About 8 CTAs per SM in all, each walking >= 4096 blocks.
-  const auto ctas_per_segment =
-      unsigned(std::clamp<std::int64_t>((segment_length + 4095) / 4096, 1, std::max<std::int64_t>(1, 1056 / segments)));
+  const std::int64_t all_ctas = 8 * std::int64_t(device_sm_count());
+  const auto ctas_per_segment = unsigned(
+      std::clamp<std::int64_t>((segment_length + 4095) / 4096, 1, std::max<std::int64_t>(1, all_ctas / segments)));
   // The passes over all blocks after the candidates' turn exit at once unless it overflowed.
   DeviceBuffer<Candidate> candidates(std::size_t(segments) * kCandidateCapacity, s);
   DeviceBuffer<int> candidate_counts(std::size_t(segments), s);

@@ -26,6 +26,14 @@ inline void zero_async(T* ptr, std::size_t count, cudaStream_t stream, const cha
   if (count > 0) check_cuda(cudaMemsetAsync(ptr, 0, count * sizeof(T), stream), what);
 }
 
+// The current device's SM count, for grids sized to fill it (an H100 SXM has 132, a PCIe 114).
+inline int device_sm_count() {
+  int device = 0, sms = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  return sms > 0 ? sms : 1;
+}
+
 inline unsigned grid_for(std::int64_t items, int threads) {
   const std::int64_t blocks = (items + threads - 1) / threads;
   // Grid-stride loops cover the rest: no stage needs more than this many blocks at once.

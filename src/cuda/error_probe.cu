@@ -260,12 +260,10 @@ int chunks_for_waves(std::int64_t units, std::int64_t slots, std::int64_t max_ch
 // Resident CTAs of `kernel` on the whole device.
 template <class Kernel>
 std::int64_t resident_ctas(Kernel kernel, std::size_t smem) {
-  int device = 0, sms = 0, per_sm = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  int per_sm = 0;
   check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, probe::kThreads, smem),
              "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  return std::int64_t(std::max(1, sms)) * std::max(1, per_sm);
+  return std::int64_t(device_sm_count()) * std::max(1, per_sm);
 }
 
 template <class Kernel>

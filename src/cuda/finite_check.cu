@@ -132,7 +132,7 @@ void count_non_finite(const DeviceHeads& q, const DeviceHeads& k, const DeviceHe
   if (q.count() > 65535) throw Error("count_non_finite: more than 65535 (batch, head) pairs in one launch");
   // About 16 CTAs of 256 threads per SM in all, at least one per head and tensor.
   const std::int64_t per_block = std::int64_t(kThreads) * kChunksPerThread;
-  const std::int64_t wanted = std::max<std::int64_t>(1, 132 * 16 / (3 * q.count()));
+  const std::int64_t wanted = std::max<std::int64_t>(1, std::int64_t(detail::device_sm_count()) * 16 / (3 * q.count()));
   const unsigned blocks_x = unsigned(std::clamp<std::int64_t>((most_chunks + per_block - 1) / per_block, 1, wanted));
   const dim3 grid(blocks_x, unsigned(q.count()), 3);
   auto* counter = reinterpret_cast<unsigned long long*>(count);
