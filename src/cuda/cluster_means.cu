@@ -19,17 +19,35 @@ namespace {
 
 constexpr int kMeanWarps = 8;
 
-template <class E, int D, EmptyCluster kEmpty>
+// kPerLane 16-bit values as one register load or store (8 bytes at D = 128, 4 at D = 64).
+template <int kPerLane>
+struct Packed16;
+template <>
+struct Packed16<4> {
+  using type = uint2;
+};
+template <>
+struct Packed16<2> {
+  using type = unsigned;
+};
+
+// kWide (rows 16-byte aligned): lane owns the kPerLane adjacent elements lane * kPerLane + e, read
+// with one load per row (a warp reads a whole row in one instruction); otherwise elements
+// lane + 32 e, one 16-bit load each. Either way each element's rows are summed in the same order,
+// so the means do not depend on the path.
+template <class E, int D, EmptyCluster kEmpty, bool kWide>
 __global__ void __launch_bounds__(kMeanWarps * 32)
     segment_means_kernel(DeviceTensor tensor, int heads, std::int64_t tokens, const std::int32_t* order,
                          const std::int32_t* offsets, int clusters, float* means, std::int32_t* counts,
                          double* objective_parts, const unsigned* max_bits, __half* scaled) {
-  constexpr int kPerLane = D / 32;  // lane owns elements lane + 32 e: each load is coalesced
+  constexpr int kPerLane = D / 32;
+  using Packed = typename Packed16<kPerLane>::type;
   __shared__ double partial[kMeanWarps][D];
   __shared__ double partial_objective[kMeanWarps];
   const int c = blockIdx.x;
   const std::int64_t bh = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  auto element = [&](int e) { return kWide ? lane * kPerLane + e : lane + 32 * e; };
   const std::int32_t* head_offsets = offsets + bh * (clusters + 1);
   const std::int32_t begin = head_offsets[c], end = head_offsets[c + 1];
   const std::int32_t size = end > begin ? end - begin : 0;
@@ -47,7 +65,7 @@ __global__ void __launch_bounds__(kMeanWarps * 32)
   float previous[kPerLane];
   if constexpr (kEmpty == EmptyCluster::keep) {
 #pragma unroll
-    for (int e = 0; e < kPerLane; ++e) previous[e] = mean[lane + 32 * e];
+    for (int e = 0; e < kPerLane; ++e) previous[e] = mean[element(e)];
   }
   const HeadRows<E> rows = head_rows<E>(tensor, heads, bh);
   const std::int32_t* head_order = order + bh * tokens;
@@ -59,19 +77,39 @@ __global__ void __launch_bounds__(kMeanWarps * 32)
 #pragma unroll 4  // several rows' loads in flight per warp
   for (std::int32_t p = begin + warp; p < end; p += kMeanWarps) {
     const E* row = rows.row(head_order[p]);
+    E values[kPerLane];
+    if constexpr (kWide) {
+      const Packed bits = *reinterpret_cast<const Packed*>(row + lane * kPerLane);
+      memcpy(values, &bits, sizeof bits);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) values[e] = row[lane + 32 * e];
+    }
+    __half copy[kPerLane];
 #pragma unroll
     for (int e = 0; e < kPerLane; ++e) {
-      const float x = Element<E>::to_float(row[lane + 32 * e]);
+      const float x = Element<E>::to_float(values[e]);
       sum[e] += double(x);
-      if (scaled_rows != nullptr) scaled_rows[std::int64_t(p) * D + lane + 32 * e] = scaled_value(x, scale);
+      copy[e] = scaled_value(x, scale);
       if constexpr (kEmpty == EmptyCluster::keep) {
         const double diff = double(x) - double(previous[e]);
         objective += diff * diff;
       }
     }
+    if (scaled_rows != nullptr) {  // its rows are whole allocations' 256- or 128-byte rows: aligned
+      __half* out = scaled_rows + std::int64_t(p) * D;
+      if constexpr (kWide) {
+        Packed bits;
+        memcpy(&bits, copy, sizeof bits);
+        *reinterpret_cast<Packed*>(out + lane * kPerLane) = bits;
+      } else {
+#pragma unroll
+        for (int e = 0; e < kPerLane; ++e) out[lane + 32 * e] = copy[e];
+      }
+    }
   }
 #pragma unroll
-  for (int e = 0; e < kPerLane; ++e) partial[warp][lane + 32 * e] = sum[e];
+  for (int e = 0; e < kPerLane; ++e) partial[warp][element(e)] = sum[e];
   objective = warp_sum(objective);
   if (lane == 0) partial_objective[warp] = objective;
   __syncthreads();  // every warp has read `previous` before anyone overwrites the centroid
@@ -92,24 +130,38 @@ __global__ void __launch_bounds__(kMeanWarps * 32)
 
 }  // namespace
 
+// Launches segment_means_kernel on the 16-byte-aligned (wide) or the general path.
+template <class E, int D, EmptyCluster kEmpty>
+void launch_segment_means(const DeviceHeads& rows, const std::int32_t* order, const std::int32_t* offsets,
+                          int clusters, float* means, std::int32_t* counts, double* objective_parts,
+                          const unsigned* max_bits, __half* scaled, cudaStream_t stream) {
+  const dim3 grid(unsigned(clusters), unsigned(rows.count()));
+  if (rows_aligned_16(rows)) {
+    segment_means_kernel<E, D, kEmpty, true><<<grid, kMeanWarps * 32, 0, stream>>>(
+        rows.tensor, rows.heads, rows.tokens, order, offsets, clusters, means, counts, objective_parts, max_bits,
+        scaled);
+  } else {
+    segment_means_kernel<E, D, kEmpty, false><<<grid, kMeanWarps * 32, 0, stream>>>(
+        rows.tensor, rows.heads, rows.tokens, order, offsets, clusters, means, counts, objective_parts, max_bits,
+        scaled);
+  }
+  check_launch("segment_means_kernel");
+}
+
 void segment_means(const DeviceHeads& rows, const std::int32_t* order, const std::int32_t* offsets, int clusters,
                    EmptyCluster empty, float* means, std::int32_t* counts, double* objective_parts,
                    cudaStream_t stream) {
   require_heads_per_launch(rows.count(), "cluster means");
-  const dim3 grid(unsigned(clusters), unsigned(rows.count()));
   dispatch_element_and_dim(rows.dtype, rows.head_dim, [&](auto element, auto dim) {
     using E = decltype(element);
     constexpr int D = decltype(dim)::value;
     if (empty == EmptyCluster::zero) {
-      segment_means_kernel<E, D, EmptyCluster::zero><<<grid, kMeanWarps * 32, 0, stream>>>(
-          rows.tensor, rows.heads, rows.tokens, order, offsets, clusters, means, counts, objective_parts, nullptr,
-          nullptr);
+      launch_segment_means<E, D, EmptyCluster::zero>(rows, order, offsets, clusters, means, counts, objective_parts,
+                                                     nullptr, nullptr, stream);
     } else {
-      segment_means_kernel<E, D, EmptyCluster::keep><<<grid, kMeanWarps * 32, 0, stream>>>(
-          rows.tensor, rows.heads, rows.tokens, order, offsets, clusters, means, counts, objective_parts, nullptr,
-          nullptr);
+      launch_segment_means<E, D, EmptyCluster::keep>(rows, order, offsets, clusters, means, counts, objective_parts,
+                                                     nullptr, nullptr, stream);
     }
-    check_launch("segment_means_kernel");
   });
 }
 
@@ -137,15 +189,10 @@ void value_summary(const DeviceHeads& v, const DeviceLayout& keys, const unsigne
   }
   if (keys.clusters < 1) throw Error("value_summary: the layout has " + std::to_string(keys.clusters) + " clusters");
   detail::require_heads_per_launch(v.count(), "value_summary");
-  const dim3 grid(unsigned(keys.clusters), unsigned(v.count()));
   detail::dispatch_element_and_dim(v.dtype, v.head_dim, [&](auto element, auto dim) {
-    using E = decltype(element);
-    constexpr int D = decltype(dim)::value;
-    detail::segment_means_kernel<E, D, detail::EmptyCluster::zero>
-        <<<grid, detail::kMeanWarps * 32, 0, detail::as_stream(stream)>>>(
-            v.tensor, v.heads, v.tokens, keys.order, keys.offsets, keys.clusters, value_means, nullptr, nullptr,
-            value_abs_max, reinterpret_cast<__half*>(scaled_values));
-    check_launch("segment_means_kernel (value_summary)");
+    detail::launch_segment_means<decltype(element), decltype(dim)::value, detail::EmptyCluster::zero>(
+        v, keys.order, keys.offsets, keys.clusters, value_means, nullptr, nullptr, value_abs_max,
+        reinterpret_cast<__half*>(scaled_values), detail::as_stream(stream));
   });
 }
 
