@@ -234,7 +234,14 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
   if (probes) {
     check_cuda(cudaMemsetAsync(v_abs_max.get(), 0, v_abs_max.size() * sizeof(unsigned), stream), "cudaMemsetAsync");
   }
-  count_non_finite(qh, kh, vh, non_finite, probes ? v_abs_max.get() : nullptr, stream);
+  const bool dense = config.policy == SelectionPolicyKind::all_blocks && config.compensation == Compensation::drop;
+  // Dense reads q, k and v here; a sparse call checks v here and q and k in k-means' first
+  // assignment, which loads them anyway.
+  if (dense) {
+    count_non_finite(qh, kh, vh, non_finite, nullptr, stream);
+  } else {
+    count_non_finite(vh, non_finite, probes ? v_abs_max.get() : nullptr, stream);
+  }
   timer.mark(1);
 
   SparseAttentionProblem problem;
@@ -253,7 +260,6 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
   }
   problem.error_flags = error_flags;
 
-  const bool dense = config.policy == SelectionPolicyKind::all_blocks && config.compensation == Compensation::drop;
   const int cq = dense ? 1 : config.clusters_q, ck = dense ? 1 : config.clusters_k;
   const std::array<std::int64_t, 5> signature{q.batch(), q.heads(), d, cq, ck};  // of the state's centroids
   DeviceBuffer<float> value_means, scores;
@@ -288,10 +294,10 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
     // sort, the means) fill the gaps of K's.
     {
       const ForkedStream side(stream);
-      kmeans(qh, KmeansSettings{cq, iterations, report.warm_started ? cache->q : nullptr},
+      kmeans(qh, KmeansSettings{cq, iterations, report.warm_started ? cache->q : nullptr, non_finite},
              KmeansOutputs{cache->q, q_labels.get(), q_counts.get(), q_order.get(), q_offsets.get(), nullptr},
              side.get());
-      kmeans(kh, KmeansSettings{ck, iterations, report.warm_started ? cache->k : nullptr},
+      kmeans(kh, KmeansSettings{ck, iterations, report.warm_started ? cache->k : nullptr, non_finite},
              KmeansOutputs{cache->k, k_labels.get(), k_counts.get(), k_order.get(), k_offsets.get(), nullptr}, stream);
       side.join();
     }

@@ -73,13 +73,14 @@ template <int kExponentShift, unsigned kExponentMask>
 __global__ void __launch_bounds__(kThreads)
     count_non_finite_kernel(CheckedTensor t0, CheckedTensor t1, CheckedTensor t2, int chunks_per_row,
                             unsigned long long* count, unsigned* v_abs_max) {
+  // gridDim.z tensors: t0 .. t2 (one tensor: t0 alone).
   const CheckedTensor& t = blockIdx.z == 0 ? t0 : blockIdx.z == 1 ? t1 : t2;
   const int bh = int(blockIdx.y);
   const std::int64_t head_offset = std::int64_t(bh / t.heads) * t.stride_b + std::int64_t(bh % t.heads) * t.stride_h;
   const unsigned char* head = t.data + 2 * head_offset;
   const int total = t.tokens * chunks_per_row;
   const int step = int(gridDim.x) * kThreads;
-  const bool want_max = blockIdx.z == 2 && v_abs_max != nullptr;  // block-uniform
+  const bool want_max = blockIdx.z == gridDim.z - 1 && v_abs_max != nullptr;  // the last tensor; block-uniform
   unsigned local = 0, largest = 0;
   for (int base = int(blockIdx.x) * kThreads * kChunksPerThread + int(threadIdx.x); base < total;
        base += step * kChunksPerThread) {
@@ -113,38 +114,56 @@ CheckedTensor checked(const DeviceHeads& tensor) {
           int(tensor.tokens)};
 }
 
-}  // namespace
-
-void count_non_finite(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v, std::int64_t* count,
-                      unsigned* v_abs_max, void* stream) {
-  const int chunks_per_row = q.head_dim / 8;
+// One launch over `n` (1 or 3) tensors of the same dtype, head_dim and heads; abs_max gets the
+// last one's per-head max |x|.
+void launch_count(const DeviceHeads* const* tensors, int n, std::int64_t* count, unsigned* abs_max, void* stream) {
+  const DeviceHeads& first = *tensors[0];
+  const int chunks_per_row = first.head_dim / 8;
   std::int64_t most_chunks = 0;
-  for (const DeviceHeads* t : {&q, &k, &v}) {
-    if (t->dtype != q.dtype || t->head_dim != q.head_dim || t->count() != q.count()) {
+  for (int i = 0; i < n; ++i) {
+    const DeviceHeads& t = *tensors[i];
+    if (t.dtype != first.dtype || t.head_dim != first.head_dim || t.count() != first.count()) {
       throw Error("count_non_finite: q, k and v must share dtype, head_dim, batch and heads");
     }
-    most_chunks = std::max(most_chunks, t->tokens * chunks_per_row);
+    if (!detail::rows_aligned_16(t)) {
+      throw Error("count_non_finite: rows must be 16-byte aligned (D a multiple of 8, aligned strides and base)");
+    }
+    most_chunks = std::max(most_chunks, t.tokens * chunks_per_row);
   }
   // 2^30 chunks (16 GiB per head) keeps the kernel's int32 positions, stride included, below 2^31.
   if (most_chunks >= (std::int64_t(1) << 30)) {
     throw Error("count_non_finite: " + std::to_string(most_chunks) + " 16-byte chunks per head exceed the int32 index");
   }
-  if (q.count() > 65535) throw Error("count_non_finite: more than 65535 (batch, head) pairs in one launch");
+  if (first.count() > 65535) throw Error("count_non_finite: more than 65535 (batch, head) pairs in one launch");
   // About 16 CTAs of 256 threads per SM in all, at least one per head and tensor.
   const std::int64_t per_block = std::int64_t(kThreads) * kChunksPerThread;
-  const std::int64_t wanted = std::max<std::int64_t>(1, std::int64_t(detail::device_sm_count()) * 16 / (3 * q.count()));
+  const std::int64_t wanted =
+      std::max<std::int64_t>(1, std::int64_t(detail::device_sm_count()) * 16 / (n * first.count()));
   const unsigned blocks_x = unsigned(std::clamp<std::int64_t>((most_chunks + per_block - 1) / per_block, 1, wanted));
-  const dim3 grid(blocks_x, unsigned(q.count()), 3);
+  const dim3 grid(blocks_x, unsigned(first.count()), unsigned(n));
   auto* counter = reinterpret_cast<unsigned long long*>(count);
   const auto s = static_cast<cudaStream_t>(stream);
-  if (q.dtype == DType::bf16) {
-    count_non_finite_kernel<7, 0xffu>
-        <<<grid, kThreads, 0, s>>>(checked(q), checked(k), checked(v), chunks_per_row, counter, v_abs_max);
+  const CheckedTensor t0 = checked(*tensors[0]), t1 = checked(*tensors[n > 1 ? 1 : 0]),
+                      t2 = checked(*tensors[n > 2 ? 2 : 0]);
+  if (first.dtype == DType::bf16) {
+    count_non_finite_kernel<7, 0xffu><<<grid, kThreads, 0, s>>>(t0, t1, t2, chunks_per_row, counter, abs_max);
   } else {
-    count_non_finite_kernel<10, 0x1fu>
-        <<<grid, kThreads, 0, s>>>(checked(q), checked(k), checked(v), chunks_per_row, counter, v_abs_max);
+    count_non_finite_kernel<10, 0x1fu><<<grid, kThreads, 0, s>>>(t0, t1, t2, chunks_per_row, counter, abs_max);
   }
   check_launch("count_non_finite_kernel");
+}
+
+}  // namespace
+
+void count_non_finite(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v, std::int64_t* count,
+                      unsigned* v_abs_max, void* stream) {
+  const DeviceHeads* tensors[3] = {&q, &k, &v};
+  launch_count(tensors, 3, count, v_abs_max, stream);
+}
+
+void count_non_finite(const DeviceHeads& x, std::int64_t* count, unsigned* abs_max, void* stream) {
+  const DeviceHeads* tensors[1] = {&x};
+  launch_count(tensors, 1, count, abs_max, stream);
 }
 
 }  // namespace svgear::cuda

@@ -16,4 +16,9 @@ namespace svgear::cuda {
 void count_non_finite(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v, std::int64_t* count,
                       unsigned* v_abs_max, void* stream);
 
+// The same for one tensor (abs_max: its per-head max |x|). The sparse pipeline checks v this way:
+// k-means counts q's and k's non-finite elements in its first assignment (KmeansSettings::non_finite),
+// which reads them anyway.
+void count_non_finite(const DeviceHeads& x, std::int64_t* count, unsigned* abs_max, void* stream);
+
 }  // namespace svgear::cuda

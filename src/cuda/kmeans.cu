@@ -53,13 +53,28 @@ __global__ void strided_init_kernel(DeviceTensor tensor, int heads, std::int64_t
   });
 }
 
+// Adds the non-finite elements of the x tile's first `rows` rows to *count (every thread).
+template <class E, int D>
+__device__ void count_non_finite_rows(const E* x_tile, std::int64_t rows, unsigned long long* count) {
+  unsigned local = 0;
+  for (int idx = threadIdx.x; idx < kAssignRows * D; idx += kAssignThreads) {
+    const int r = idx / D, c = idx % D;
+    if (r < rows) local += isfinite(Element<E>::to_float(x_tile[r * kTileStride<D> + c])) ? 0u : 1u;
+  }
+  local = warp_sum(local);
+  if (threadIdx.x % 32 == 0 && local != 0) atomicAdd(count, static_cast<unsigned long long>(local));
+}
+
 // labels[bh][row] = argmin_c ||x_row - c||^2 for the CTA's 256 rows. Two CTAs fit an SM with one
 // term (105 KB of shared memory each at D = 128, <= 128 registers), so one CTA's tile loads
-// overlap the other's MMAs; two terms take 140 KB, one CTA per SM.
+// overlap the other's MMAs; two terms take 140 KB, one CTA per SM. With non_finite, the CTA also
+// counts its rows' NaN/Inf elements there (the pipeline's input check of q and k, from the tile
+// this kernel loads anyway).
 template <class E, int D, int kTerms>
 __global__ void __launch_bounds__(kAssignThreads, kTerms == 1 ? 2 : 1)
     assign_kernel(DeviceTensor tensor, int heads, std::int64_t tokens, bool aligned16, const E* centroid_hi,
-                  const E* centroid_lo, const float* centroid_norms, int clusters, int padded, std::int32_t* labels) {
+                  const E* centroid_lo, const float* centroid_norms, int clusters, int padded, std::int32_t* labels,
+                  unsigned long long* non_finite) {
   constexpr int kStride = kTileStride<D>;
   constexpr int kStageElements = kAssignCentroids * kStride;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -103,6 +118,7 @@ __global__ void __launch_bounds__(kAssignThreads, kTerms == 1 ? 2 : 1)
     sm80::cp_async_commit();
     sm80::cp_async_wait<1>();
     __syncthreads();
+    if (t == 0 && non_finite != nullptr) count_non_finite_rows<E, D>(x_tile, tokens - row0, non_finite);
 
     float acc[kAssignBlocks][kAssignCentroids / 8][4] = {};
 #pragma unroll
@@ -117,10 +133,12 @@ __global__ void __launch_bounds__(kAssignThreads, kTerms == 1 ? 2 : 1)
   nearest.store(labels + bh * tokens, row0 + warp * 16 * kAssignBlocks, tokens, lane);
 }
 
+// non_finite: count the points' NaN/Inf there too (on the mma.sync kernel, whatever
+// use_sm90_assign says: only it counts).
 template <class E, int D, int kTerms>
 void launch_assign(const DeviceHeads& points, const PackedCentroids<E, D>& packed, std::int32_t* labels,
-                   cudaStream_t stream) {
-  if (use_sm90_assign(kTerms)) {
+                   std::int64_t* non_finite, cudaStream_t stream) {
+  if (non_finite == nullptr && use_sm90_assign(kTerms)) {
     launch_assign_sm90<E, D, kTerms>(points, packed.hi(), packed.lo(), packed.norms(), packed.clusters(),
                                      packed.padded(), labels, stream);
     return;
@@ -131,7 +149,7 @@ void launch_assign(const DeviceHeads& points, const PackedCentroids<E, D>& packe
   const dim3 grid(unsigned((points.tokens + kAssignRows - 1) / kAssignRows), unsigned(points.count()));
   assign_kernel<E, D, kTerms><<<grid, kAssignThreads, smem, stream>>>(
       points.tensor, points.heads, points.tokens, rows_aligned_16(points), packed.hi(), packed.lo(), packed.norms(),
-      packed.clusters(), packed.padded(), labels);
+      packed.clusters(), packed.padded(), labels, reinterpret_cast<unsigned long long*>(non_finite));
   check_launch("assign_kernel");
 }
 
@@ -173,7 +191,7 @@ void assign_to_nearest_centroid(const DeviceHeads& points, const float* centroid
     constexpr int D = decltype(dim)::value;
     PackedCentroids<E, D> packed(points.count(), clusters, 2, s);
     packed.pack(centroids);
-    launch_assign<E, D, 2>(points, packed, labels, s);
+    launch_assign<E, D, 2>(points, packed, labels, nullptr, s);
   });
 }
 
@@ -215,7 +233,7 @@ void kmeans(const DeviceHeads& points, const KmeansSettings& settings, const Kme
     PackedCentroids<E, D> packed(heads_total, clusters, 1, s);
     for (int iteration = 0; iteration < settings.iterations; ++iteration) {
       packed.pack(out.centroids);
-      launch_assign<E, D, 1>(points, packed, out.labels, s);
+      launch_assign<E, D, 1>(points, packed, out.labels, iteration == 0 ? settings.non_finite : nullptr, s);
       layout.build(out.labels, order, offsets);
       segment_means(points, order, offsets, clusters, EmptyCluster::keep, out.centroids, out.counts,
                     out.objective != nullptr ? objective_parts.get() : nullptr, s);

@@ -77,6 +77,9 @@ struct KmeansSettings {
   // seeding computed elsewhere). Null: strided init, centroid c = token floor(c * S / C).
   // May alias KmeansOutputs::centroids.
   const float* initial_centroids = nullptr;
+  // Optional (device): the first assignment also adds the points' non-finite (NaN/Inf) element
+  // count here, from the rows it loads anyway (the pipeline's input check of q and k).
+  std::int64_t* non_finite = nullptr;
 };
 
 struct KmeansOutputs {

@@ -228,6 +228,33 @@ TEST_P(GpuFiniteCheck, CountsEveryNonFiniteElement) {
     EXPECT_EQ(have, want) << "head " << bh;
   }
   EXPECT_EQ(got[4], 0x7f800000u) << "an Inf in v is its head's max";
+
+  // v alone (the sparse pipeline's check): the same count and maxima.
+  count.poison();
+  v_abs_max.poison();
+  cuda_ok(cudaMemset(count.get(), 0, sizeof(std::int64_t)), "cudaMemset");
+  cuda_ok(cudaMemset(v_abs_max.get(), 0, 6 * sizeof(unsigned)), "cudaMemset");
+  cuda::count_non_finite(clean.view, count.get(), v_abs_max.get(), nullptr);
+  EXPECT_EQ(count.download()[0], 2) << "v alone: the Inf and the NaN";
+  EXPECT_EQ(v_abs_max.download(), got) << "v alone: the per-head maxima";
+
+  // k-means' first assignment counts its points' NaN/Inf (the pipeline's check of q and k), on
+  // the mma.sync kernel whichever assignment kernel is chosen.
+  for (const TestHeads* points : {&qh, &kh}) {
+    const int clusters = 5, bh_count = 6;
+    const std::size_t n = std::size_t(points->view.tokens) * bh_count;
+    DeviceArray<float> centroids(std::size_t(bh_count * clusters * c.d));
+    DeviceArray<std::int32_t> labels(n), counts(std::size_t(bh_count * clusters));
+    DeviceArray<std::int64_t> found(1);
+    cuda_ok(cudaMemset(found.get(), 0, sizeof(std::int64_t)), "cudaMemset");
+    cuda::KmeansSettings settings{clusters, 2, nullptr};
+    settings.non_finite = found.get();
+    cuda::kmeans(points->view, settings, {centroids.get(), labels.get(), counts.get(), nullptr, nullptr, nullptr},
+                 nullptr);
+    std::int64_t planted = 0;
+    for (float x : points->rows) planted += std::isfinite(x) ? 0 : 1;
+    EXPECT_EQ(found.download()[0], planted) << (points == &qh ? "q" : "k") << " through k-means";
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Small, GpuFiniteCheck,
