@@ -89,6 +89,30 @@ __device__ __forceinline__ void warp_mma_abt_rows(float (&acc)[kBlocks][N / 8][4
   }
 }
 
+// The A fragments of rows [row0, row0 + 16) x all D columns of a row tile, for operands a warp
+// reuses against many B tiles (held in registers instead of re-read from shared memory).
+template <class E, int D>
+__device__ __forceinline__ void load_a_fragments(std::uint32_t (&a)[D / 16][4], const E* a_tile, int row0, int lane) {
+#pragma unroll
+  for (int k = 0; k < D / 16; ++k) sm80::ldmatrix_x4(a[k], a_fragment<E, D>(a_tile, row0, k * 16, lane));
+}
+
+// acc[n / 8] += A . B[n]^T as warp_mma_abt, with A's fragments already in registers.
+template <class E, int D, int N>
+__device__ __forceinline__ void warp_mma_abt_held(float (&acc)[N / 8][4], const std::uint32_t (&a)[D / 16][4],
+                                                  const E* b_tile, int lane) {
+#pragma unroll
+  for (int k = 0; k < D / 16; ++k) {
+#pragma unroll
+    for (int n0 = 0; n0 < N; n0 += 16) {
+      std::uint32_t b[4];
+      sm80::ldmatrix_x4(b, b_fragment<E, D>(b_tile, n0, k * 16, lane));
+      sm80::mma_m16n8k16<E>(acc[n0 / 8], a[k], b[0], b[1]);
+      sm80::mma_m16n8k16<E>(acc[n0 / 8 + 1], a[k], b[2], b[3]);
+    }
+  }
+}
+
 // d = a * b for one m16n8k16 tile (no accumulator input): starts a sum without first zeroing
 // the accumulator registers.
 template <typename Element>

@@ -165,12 +165,17 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
     }
   }
 
+  // The warp's probe rows stay in registers as A fragments: every key tile and every batch of
+  // key means is multiplied by them (32 registers; the kernel runs one CTA per SM anyway).
+  static_assert(kRowBlocks == 1, "the held fragments cover one 16-row block per warp");
+  std::uint32_t q_fragments[D / 16][4];
+
   // log2 s_j + m of the batch's clusters for the warp's rows: q . mu_j with mu = hi + lo.
   auto stand_in_logits = [&](int buf) {
     const ClusterBatch<E, D>& b = sh.batch[buf];
     float dot[kRowBlocks][kBatch / 8][4] = {};
-    warp_mma_abt_rows<E, D, kBatch, kRowBlocks, 2>(dot, &sh.q[0][0], warp * kRowsPerWarp, &b.mean_hi[0][0], lane);
-    warp_mma_abt_rows<E, D, kBatch, kRowBlocks, 2>(dot, &sh.q[0][0], warp * kRowsPerWarp, &b.mean_lo[0][0], lane);
+    warp_mma_abt_held<E, D, kBatch>(dot[0], q_fragments, &b.mean_hi[0][0], lane);
+    warp_mma_abt_held<E, D, kBatch>(dot[0], q_fragments, &b.mean_lo[0][0], lane);
 #pragma unroll
     for (int m = 0; m < kRowBlocks; ++m) {
 #pragma unroll
@@ -188,6 +193,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
 
   sm80::cp_async_wait<0>();
   __syncthreads();
+  load_a_fragments<E, D>(q_fragments, &sh.q[0][0], warp * kRowsPerWarp, lane);
   stand_in_logits(0);
 
   // Probabilities of half `half` of the tile (32 keys) as fp16 A fragments: p[m][ks] covers
@@ -197,8 +203,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
   std::uint32_t p[kRowBlocks][kHalf / 16][4];
   auto probabilities = [&](int stage, int half) {
     float s[kRowBlocks][kHalf / 8][4] = {};
-    warp_mma_abt_rows<E, D, kHalf, kRowBlocks, 2>(s, &sh.q[0][0], warp * kRowsPerWarp, &sh.k[stage][kHalf * half][0],
-                                                  lane);
+    warp_mma_abt_held<E, D, kHalf>(s[0], q_fragments, &sh.k[stage][kHalf * half][0], lane);
 #pragma unroll
     for (int m = 0; m < kRowBlocks; ++m) {
 #pragma unroll
