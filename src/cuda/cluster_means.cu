@@ -17,7 +17,13 @@ namespace detail {
 
 namespace {
 
-constexpr int kMeanWarps = 8;
+// Warps per CTA: 8 for clusters of ~100 rows and more (Q's at S / Cq ≈ 128); 4 where the clusters
+// average at most 64 rows (K's and V's at S / Ck ≈ 32), so that twice as many CTAs share an SM and
+// one CTA's fixed costs (the offsets' and order's loads, the barrier, the reduction) overlap
+// another's row loads: with 8 warps K's means took 1.7 times Q's for the same bytes.
+constexpr int kWarpsLargeClusters = 8;
+constexpr int kWarpsSmallClusters = 4;
+constexpr int kSmallClusterRows = 64;
 
 // kPerLane 16-bit values as one register load or store (8 bytes at D = 128, 4 at D = 64).
 template <int kPerLane>
@@ -35,7 +41,7 @@ struct Packed16<2> {
 // with one load per row (a warp reads a whole row in one instruction); otherwise elements
 // lane + 32 e, one 16-bit load each. Either way each element's rows are summed in the same order,
 // so the means do not depend on the path.
-template <class E, int D, EmptyCluster kEmpty, bool kWide>
+template <class E, int D, EmptyCluster kEmpty, bool kWide, int kMeanWarps>
 __global__ void __launch_bounds__(kMeanWarps * 32)
     segment_means_kernel(DeviceTensor tensor, int heads, std::int64_t tokens, const std::int32_t* order,
                          const std::int32_t* offsets, int clusters, float* means, std::int32_t* counts,
@@ -130,20 +136,27 @@ __global__ void __launch_bounds__(kMeanWarps * 32)
 
 }  // namespace
 
-// Launches segment_means_kernel on the 16-byte-aligned (wide) or the general path.
+// Launches segment_means_kernel on the 16-byte-aligned (wide) or the general path, with 8 or 4
+// warps per CTA by the clusters' mean size.
 template <class E, int D, EmptyCluster kEmpty>
 void launch_segment_means(const DeviceHeads& rows, const std::int32_t* order, const std::int32_t* offsets,
                           int clusters, float* means, std::int32_t* counts, double* objective_parts,
                           const unsigned* max_bits, __half* scaled, cudaStream_t stream) {
   const dim3 grid(unsigned(clusters), unsigned(rows.count()));
-  if (rows_aligned_16(rows)) {
-    segment_means_kernel<E, D, kEmpty, true><<<grid, kMeanWarps * 32, 0, stream>>>(
-        rows.tensor, rows.heads, rows.tokens, order, offsets, clusters, means, counts, objective_parts, max_bits,
-        scaled);
+  const bool aligned = rows_aligned_16(rows);
+  const bool small_clusters = rows.tokens <= std::int64_t(kSmallClusterRows) * clusters;
+  auto launch = [&](auto kernel, int warps) {
+    kernel<<<grid, warps * 32, 0, stream>>>(rows.tensor, rows.heads, rows.tokens, order, offsets, clusters, means,
+                                            counts, objective_parts, max_bits, scaled);
+  };
+  if (aligned && small_clusters) {
+    launch(segment_means_kernel<E, D, kEmpty, true, kWarpsSmallClusters>, kWarpsSmallClusters);
+  } else if (aligned) {
+    launch(segment_means_kernel<E, D, kEmpty, true, kWarpsLargeClusters>, kWarpsLargeClusters);
+  } else if (small_clusters) {
+    launch(segment_means_kernel<E, D, kEmpty, false, kWarpsSmallClusters>, kWarpsSmallClusters);
   } else {
-    segment_means_kernel<E, D, kEmpty, false><<<grid, kMeanWarps * 32, 0, stream>>>(
-        rows.tensor, rows.heads, rows.tokens, order, offsets, clusters, means, counts, objective_parts, max_bits,
-        scaled);
+    launch(segment_means_kernel<E, D, kEmpty, false, kWarpsLargeClusters>, kWarpsLargeClusters);
   }
   check_launch("segment_means_kernel");
 }

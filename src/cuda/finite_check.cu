@@ -6,6 +6,7 @@
 
 #include "cuda/device_common.cuh"
 #include "cuda/finite_check.hpp"
+#include "cuda/non_finite_bits.cuh"
 
 namespace svgear::cuda {
 
@@ -20,17 +21,6 @@ __device__ __forceinline__ void for_each_element(uint4 chunk, F f) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) f((words[w] >> (16 * half)) & 0xffffu);
   }
-}
-
-// 16-bit floats are non-finite exactly when their exponent bits are all ones: 5 bits at 10 for
-// f16, 8 bits at 7 for bf16. Checking the bits lets one thread test 8 elements from a 16-byte load.
-template <int kExponentShift, unsigned kExponentMask>
-__device__ __forceinline__ unsigned count_in(uint4 chunk) {
-  unsigned count = 0;
-  for_each_element(chunk, [&](unsigned bits) {
-    count += ((bits >> kExponentShift) & kExponentMask) == kExponentMask ? 1u : 0u;
-  });
-  return count;
 }
 
 // The largest magnitude among the chunk's non-NaN elements, as 15-bit magnitude bits (16-bit
@@ -96,7 +86,7 @@ __global__ void __launch_bounds__(kThreads)
     }
 #pragma unroll
     for (int u = 0; u < kChunksPerThread; ++u) {
-      local += count_in<kExponentShift, kExponentMask>(chunk[u]);
+      local += detail::count_non_finite_in(chunk[u], kExponentMask << kExponentShift);
       if (want_max) largest = max(largest, largest_magnitude_in<kExponentShift, kExponentMask>(chunk[u]));
     }
   }

@@ -17,6 +17,7 @@
 #include "cuda/device_common.cuh"
 #include "cuda/mma_tiles.cuh"
 #include "cuda/nearest_centroid.cuh"
+#include "cuda/non_finite_bits.cuh"
 #include "cuda/packed_centroids.cuh"
 #include "cuda/sparse_attention.hpp"
 #include "cuda/stage_internals.cuh"
@@ -53,13 +54,18 @@ __global__ void strided_init_kernel(DeviceTensor tensor, int heads, std::int64_t
   });
 }
 
-// Adds the non-finite elements of the x tile's first `rows` rows to *count (every thread).
+// Adds the non-finite elements of the x tile's first `rows` rows to *count (every thread), eight
+// elements per 16-byte shared-memory load (a tile row is 16-byte aligned: kTileStride<D> * 2 bytes).
 template <class E, int D>
 __device__ void count_non_finite_rows(const E* x_tile, std::int64_t rows, unsigned long long* count) {
+  constexpr int kChunks = D / 8;
   unsigned local = 0;
-  for (int idx = threadIdx.x; idx < kAssignRows * D; idx += kAssignThreads) {
-    const int r = idx / D, c = idx % D;
-    if (r < rows) local += isfinite(Element<E>::to_float(x_tile[r * kTileStride<D> + c])) ? 0u : 1u;
+  for (int idx = threadIdx.x; idx < kAssignRows * kChunks; idx += kAssignThreads) {
+    const int r = idx / kChunks, c = idx % kChunks;
+    if (r < rows) {
+      local += count_non_finite_in(*reinterpret_cast<const uint4*>(x_tile + r * kTileStride<D> + c * 8),
+                                   kExponentBits<E>);
+    }
   }
   local = warp_sum(local);
   if (threadIdx.x % 32 == 0 && local != 0) atomicAdd(count, static_cast<unsigned long long>(local));
