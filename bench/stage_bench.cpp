@@ -22,6 +22,7 @@
 #include "cuda/cuda_check.hpp"
 #include "cuda/finite_check.hpp"
 #include "cuda/stages.hpp"
+#include "probe_mean_flag.hpp"
 #include "svgear/config.hpp"
 #include "svgear/dtype.hpp"
 #include "svgear/error.hpp"
@@ -157,9 +158,7 @@ int main(int argc, char** argv) {
   app.add_option("--clusters-q", clusters_q)->capture_default_str();
   app.add_option("--clusters-k", clusters_k)->capture_default_str();
   app.add_option("--probe-queries", probes)->capture_default_str();
-  app.add_flag("--probe-mean,!--no-probe-mean", probe_mean,
-               std::string("EAR probe: one more row per query cluster, its mean query (default: ") +
-                   (probe_mean ? "on" : "off") + ")");
+  svgear::cli::add_probe_mean_flag(app, probe_mean);
   app.add_option("--cold-iterations", cold_iterations)->capture_default_str();
   app.add_option("--warm-iterations", warm_iterations)->capture_default_str();
   app.add_option("--density", density, "Selection density")->capture_default_str();

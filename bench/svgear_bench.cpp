@@ -9,11 +9,11 @@
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
-#include <string>
 #include <vector>
 
 #include "cuda/attention_cuda.hpp"
 #include "cuda/cuda_check.hpp"
+#include "probe_mean_flag.hpp"
 #include "svgear/svgear.hpp"
 #include "workload_options.hpp"
 
@@ -134,9 +134,7 @@ int main(int argc, char** argv) {
   app.add_option("--clusters-q", clusters_q)->capture_default_str();
   app.add_option("--clusters-k", clusters_k)->capture_default_str();
   app.add_option("--probe-queries", probes)->capture_default_str();
-  app.add_flag("--probe-mean,!--no-probe-mean", probe_mean,
-               std::string("EAR probe: one more row per query cluster, its mean query (default: ") +
-                   (probe_mean ? "on" : "off") + ")");
+  svgear::cli::add_probe_mean_flag(app, probe_mean);
   app.add_option("--repeats", repeats)->capture_default_str();
   app.add_option("--dump", dump, "Folder for q/k/v, the EAR selection and result.json")->required();
   CLI11_PARSE(app, argc, argv);

@@ -1,7 +1,6 @@
 #include "method_options.hpp"
 
-#include <string>
-
+#include "probe_mean_flag.hpp"
 #include "svgear/error.hpp"
 
 namespace svgear::cli {
@@ -30,10 +29,7 @@ void add_method_options(CLI::App& command, MethodOptions& options, bool with_bud
   command.add_option("--probe-queries", d.probe_queries,
                      "EAR probe: sampled queries per query cluster (0: only the mean query, with --probe-mean)")
       ->capture_default_str();
-  // No capture_default_str: CLI11 would show the value --no-probe-mean sets ({false}), not the default.
-  command.add_flag("--probe-mean,!--no-probe-mean", d.probe_mean,
-                   std::string("EAR probe: also probe each query cluster with its mean query (default: ") +
-                       (d.probe_mean ? "on" : "off") + ")");
+  add_probe_mean_flag(command, d.probe_mean);
   command.add_option("--min-key-fraction", d.min_key_fraction,
                      "SVG2 top-p mode: at least this fraction of key clusters per query cluster")
       ->capture_default_str();
