@@ -10,6 +10,9 @@ one forward, `--cfg` adds the negative branch), the guidance combination and the
   dense  the transformer's own processors (diffusers' attention dispatch: SDPA)
   ear    svgear.diffusers.apply(method="ear")  with the dense warm-up (--warmup-steps, 0.2)
   svg2   svgear.diffusers.apply(method="svg2") likewise
+  skip   not a method, a bound: svgear's processors as for ear, but every sparse call returns v
+         instead of attending (no k-means, no kernel), so the loop's time is what the model costs
+         besides a free sparse attention: the most any sparse method can gain in this loop
 
 on the same random weights (bf16, CUDA), the same initial latents, text embeddings and seeds,
 in one process. Weights are random: the timings are those of the real architectures and shapes;
@@ -80,7 +83,7 @@ MODELS = {
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="wan2.1-1.3b")
-    p.add_argument("--methods", default="dense,ear,svg2", help="comma list of dense, ear, svg2")
+    p.add_argument("--methods", default="dense,ear,svg2", help="comma list of dense, ear, svg2, skip (the bound)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (wan 50, hunyuan 10)")
     p.add_argument("--layers", type=int, default=None,
                    help="transformer depth (wan: blocks, default 30; hunyuan: double+single blocks, split 1:2, "
@@ -277,6 +280,22 @@ def library_warmup(method, args, spec, cfg):
     sync()
 
 
+def skip_sparse_attention(router):
+    """The `skip` bound: the router keeps its step and layer bookkeeping (so the warm-up's dense
+    calls stay dense) but a sparse call returns v as its output, computing nothing."""
+    base = router.__class__
+
+    def call(self, layer, q, k, v, layout="bshd", return_lse=False):
+        if self.is_dense(layer):
+            return base.__call__(self, layer, q, k, v, layout=layout, return_lse=return_lse)
+        if return_lse:  # HunyuanVideo merges it with the text keys: a (B, H, S) normaliser
+            b, h, s = (v.shape[0], v.shape[2], v.shape[1]) if layout == "bshd" else v.shape[:3]
+            return v, torch.zeros(b, h, s, device=v.device, dtype=torch.float32)
+        return v
+
+    router.__class__ = type("SkippingRouter", (base,), {"__call__": call})
+
+
 def dense_step_count(args, steps):
     w = args.warmup_steps
     return sum(1 for i in range(steps) if (i < w * steps if w < 1 else i < w))
@@ -302,7 +321,7 @@ def main():
         spec["cfg"] = args.cfg
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        if m not in ("dense", "ear", "svg2"):
+        if m not in ("dense", "ear", "svg2", "skip"):
             sys.exit(f"e2e_bench: unknown method {m!r}")
 
     import diffusers
@@ -344,10 +363,13 @@ def main():
     dense_latents = None
     for method in methods:
         if method != "dense":
-            library_warmup(method, args, spec, cfg)
-            sdiff.apply(model, method, density=args.density, num_inference_steps=spec["steps"],
-                        warmup_steps=args.warmup_steps, warmup_layers=args.warmup_layers,
-                        clusters_q=args.clusters_q, clusters_k=args.clusters_k)
+            library = "ear" if method == "skip" else method
+            library_warmup(library, args, spec, cfg)
+            router = sdiff.apply(model, library, density=args.density, num_inference_steps=spec["steps"],
+                                 warmup_steps=args.warmup_steps, warmup_layers=args.warmup_layers,
+                                 clusters_q=args.clusters_q, clusters_k=args.clusters_k)
+            if method == "skip":
+                skip_sparse_attention(router)
         print(f"[{method}] running {spec['steps']} steps ...", flush=True)
         try:
             loop, step_times, attn, latents = run_loop(args, spec, model, inputs, method, dense_steps)
