@@ -96,6 +96,8 @@ def parse_args():
     p.add_argument("--density", type=float, default=0.12, help="svgear budget for ear and svg2 (default 0.12)")
     p.add_argument("--clusters-q", type=int, default=256)
     p.add_argument("--clusters-k", type=int, default=1024)
+    p.add_argument("--warm-iters", type=int, default=None,
+                   help="k-means iterations of a warm-started call (default: the library's)")
     p.add_argument("--warmup-steps", type=float, default=0.2, help="dense warm-up: fraction (<1) or count")
     p.add_argument("--warmup-layers", type=float, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -346,7 +348,8 @@ def main():
           f"{spec['steps']} steps, {'CFG: 2' if spec['cfg'] else '1'} forward(s) per step = {forwards} forwards",
           flush=True)
     dense_steps = dense_step_count(args, spec["steps"])
-    print(f"svgear: density {args.density}, clusters {args.clusters_q}/{args.clusters_k}, warm-up "
+    print(f"svgear: density {args.density}, clusters {args.clusters_q}/{args.clusters_k}, "
+          f"warm k-means iterations {args.warm_iters or 'default'}, warm-up "
           f"{args.warmup_steps} -> {dense_steps} dense steps, warmup_layers {args.warmup_layers}", flush=True)
 
     inputs = make_inputs(args, spec, cfg)
@@ -367,7 +370,8 @@ def main():
             library_warmup(library, args, spec, cfg)
             router = sdiff.apply(model, library, density=args.density, num_inference_steps=spec["steps"],
                                  warmup_steps=args.warmup_steps, warmup_layers=args.warmup_layers,
-                                 clusters_q=args.clusters_q, clusters_k=args.clusters_k)
+                                 clusters_q=args.clusters_q, clusters_k=args.clusters_k,
+                                 **({} if args.warm_iters is None else {"warm_iters": args.warm_iters}))
             if method == "skip":
                 skip_sparse_attention(router)
         print(f"[{method}] running {spec['steps']} steps ...", flush=True)
@@ -380,7 +384,8 @@ def main():
                    sparse_step_s=(sum(sparse_times) / len(sparse_times)) if sparse_times else None,
                    attn_s=attn, attn_share=(attn / loop) if attn is not None else None,
                    density=None if method == "dense" else args.density,
-                   warmup=None if method == "dense" else args.warmup_steps)
+                   warmup=None if method == "dense" else args.warmup_steps,
+                   warm_iters=None if method == "dense" else args.warm_iters)
         if method == "dense":
             dense_latents = latents
         elif dense_latents is not None:
@@ -422,7 +427,10 @@ def main():
     rows = []
     for r in results:
         method = r["method"] if r["method"] == "dense" else (
-            f"{r['method']} (density {r['density']:g}, warm-up {r['warmup']:g})")
+            f"{r['method']} (density {r['density']:g}, warm-up {r['warmup']:g}"
+            + ("" if r["warm_iters"] is None else f", {r['warm_iters']} warm k-means iterations") + ")")
+        if r["method"] == "skip":
+            method += ": the bound, every sparse call returns v"
         rows.append(f"| {today} | {gpu} | {shape} | {steps_label} | {method} | {r['loop_s']:.1f} | "
                     f"{fmt(r['speedup'], '{:.2f}x')} | {fmt(r['attn_share'] and 100 * r['attn_share'], '{:.0f}%')} |")
     table_head = [

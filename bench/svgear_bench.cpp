@@ -127,6 +127,7 @@ int main(int argc, char** argv) {
   double density = 0.12;
   const MethodConfig library_defaults;  // the probe rows the library takes unless told otherwise
   int clusters_q = 256, clusters_k = 1024, repeats = 10, probes = library_defaults.probe_queries;
+  int warm_iterations = library_defaults.kmeans_warm_iterations;
   bool probe_mean = library_defaults.probe_mean;
   std::string dump;
   cli::add_workload_options(app, shape, "");
@@ -135,6 +136,9 @@ int main(int argc, char** argv) {
   app.add_option("--clusters-k", clusters_k)->capture_default_str();
   app.add_option("--probe-queries", probes)->capture_default_str();
   svgear::cli::add_probe_mean_flag(app, probe_mean);
+  app.add_option("--warm-iters", warm_iterations, "k-means iterations of a warm-started call (EAR, SVG2)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 100));
   app.add_option("--repeats", repeats)->capture_default_str();
   app.add_option("--dump", dump, "Folder for q/k/v, the EAR selection and result.json")->required();
   CLI11_PARSE(app, argc, argv);
@@ -166,6 +170,7 @@ int main(int argc, char** argv) {
       c->clusters_k = clusters_k;
       c->probe_queries = probes;
       c->probe_mean = probe_mean;
+      c->kmeans_warm_iterations = warm_iterations;
     }
     std::printf("timing dense, EAR, SVG2 (%d repeats each)\n", repeats);
     std::fflush(stdout);
@@ -178,6 +183,7 @@ int main(int argc, char** argv) {
     result["shape"] = dims;
     result["clusters_q"] = clusters_q;
     result["clusters_k"] = clusters_k;
+    result["warm_iterations"] = warm_iterations;
     result["density"] = ear_timing.density;
     result["ear_plan"] = plan_statistics(plan, true);
     result["svg2_density"] = svg2_timing.density;
