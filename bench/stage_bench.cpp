@@ -143,9 +143,9 @@ struct Clustering {
 int main(int argc, char** argv) {
   CLI::App app{"svgear-stage-bench: the CUDA stages before attention, one at a time"};
   Shape shape;
-  const MethodConfig library_defaults;  // the probe rows the library takes unless told otherwise
+  const MethodConfig library_defaults;  // the probe rows and warm iterations the library takes unless told otherwise
   int clusters_q = 256, clusters_k = 1024, probes = library_defaults.probe_queries, cold_iterations = 10,
-      warm_iterations = 2, repeats = 10, warmup = 2;
+      warm_iterations = library_defaults.kmeans_warm_iterations, repeats = 10, warmup = 2;
   double density = 0.12;
   bool random = false, probe_mean = library_defaults.probe_mean;
   std::uint64_t seed = 0;

@@ -51,7 +51,10 @@ struct MethodConfig {
   int clusters_q = 32;
   int clusters_k = 64;
   int kmeans_iterations = 20;       // cold start (no cached centroids)
-  int kmeans_warm_iterations = 2;   // warm start from the centroids of the previous step
+  // Warm start from the centroids of the previous step. One iteration, not two: on the quality
+  // model it cost EAR 0.09-0.17 dB of PSNR and saved 1.0-1.1 ms of the 10 ms op at Wan2.1-1.3B
+  // (docs/QUALITY.md, "Warm k-means iterations"), more than that PSNR is worth in density.
+  int kmeans_warm_iterations = 1;
   KmeansInit kmeans_init = KmeansInit::kmeans_plus_plus;
   int probe_queries = 0;            // EAR probe: sampled queries per query cluster (0: only the mean)
   // EAR probe: one more probe row per query cluster, the cluster's mean query (rounded to the
