@@ -428,7 +428,8 @@ def main():
     for r in results:
         method = r["method"] if r["method"] == "dense" else (
             f"{r['method']} (density {r['density']:g}, warm-up {r['warmup']:g}"
-            + ("" if r["warm_iters"] is None else f", {r['warm_iters']} warm k-means iterations") + ")")
+            + ("" if r["warm_iters"] is None
+               else f", {r['warm_iters']} warm k-means iteration{'' if r['warm_iters'] == 1 else 's'}") + ")")
         if r["method"] == "skip":
             method += ": the bound, every sparse call returns v"
         rows.append(f"| {today} | {gpu} | {shape} | {steps_label} | {method} | {r['loop_s']:.1f} | "
