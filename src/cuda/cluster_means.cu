@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 
 #include <string>
+#include <type_traits>
 
 #include "cuda/device_common.cuh"
 #include "cuda/scaled_values.cuh"
@@ -143,20 +144,24 @@ void launch_segment_means(const DeviceHeads& rows, const std::int32_t* order, co
                           int clusters, float* means, std::int32_t* counts, double* objective_parts,
                           const unsigned* max_bits, __half* scaled, cudaStream_t stream) {
   const dim3 grid(unsigned(clusters), unsigned(rows.count()));
-  const bool aligned = rows_aligned_16(rows);
-  const bool small_clusters = rows.tokens <= std::int64_t(kSmallClusterRows) * clusters;
-  auto launch = [&](auto kernel, int warps) {
-    kernel<<<grid, warps * 32, 0, stream>>>(rows.tensor, rows.heads, rows.tokens, order, offsets, clusters, means,
-                                            counts, objective_parts, max_bits, scaled);
+  // wide and warps are compile-time constants (std::integral_constant), so the block size is
+  // taken from the same value as the kernel's __launch_bounds__.
+  auto launch = [&](auto wide, auto warps) {
+    segment_means_kernel<E, D, kEmpty, decltype(wide)::value, decltype(warps)::value>
+        <<<grid, warps * 32, 0, stream>>>(rows.tensor, rows.heads, rows.tokens, order, offsets, clusters, means,
+                                          counts, objective_parts, max_bits, scaled);
   };
-  if (aligned && small_clusters) {
-    launch(segment_means_kernel<E, D, kEmpty, true, kWarpsSmallClusters>, kWarpsSmallClusters);
-  } else if (aligned) {
-    launch(segment_means_kernel<E, D, kEmpty, true, kWarpsLargeClusters>, kWarpsLargeClusters);
-  } else if (small_clusters) {
-    launch(segment_means_kernel<E, D, kEmpty, false, kWarpsSmallClusters>, kWarpsSmallClusters);
+  auto launch_sized = [&](auto wide) {
+    if (rows.tokens <= std::int64_t(kSmallClusterRows) * clusters) {
+      launch(wide, std::integral_constant<int, kWarpsSmallClusters>{});
+    } else {
+      launch(wide, std::integral_constant<int, kWarpsLargeClusters>{});
+    }
+  };
+  if (rows_aligned_16(rows)) {
+    launch_sized(std::true_type{});
   } else {
-    launch(segment_means_kernel<E, D, kEmpty, false, kWarpsLargeClusters>, kWarpsLargeClusters);
+    launch_sized(std::false_type{});
   }
   check_launch("segment_means_kernel");
 }
