@@ -97,6 +97,9 @@ struct SharedStorage {
   float bias[Traits::kStages][Traits::kKeyTile];  // log2 n_j of a pseudo-key step, -inf for padding
   int query_rows[Traits::kQueryRows];             // original index of each tile row, -1 if none
   long long partial[Traits::kThreads / 32];
+  // A lone tile's second consumer hands its softmax state to the first here (merge_partner):
+  // value i of consumer thread x at [i][x], so a warp's stores and loads hit 32 banks.
+  float merge[Traits::kHeadDim / 2 + 4][128];
 };
 
 template <typename Traits>
@@ -174,12 +177,38 @@ struct KeyPlan {
 
 // Producer warp w copies rows [32w, 32w + 32) of a 128-row tile; lane l names the source row of
 // tile row 32w + l (negative: zero-fill).
+//
+// Lanes 8g .. 8g + 7 copy one 128-byte line (64 elements) of a row, so one instruction moves 4
+// whole lines, as coalesced as whole rows; lane group g takes rows 32w + 4j + g, j = 0..7. The
+// row's start comes from the lane that names it (one shuffle of a pointer per row, shared by the
+// row's lines), and the swizzled destination is a per-lane base plus immediates: row 32w + 4j + g
+// has row & 7 = 4 (j & 1) + g, so chunk c lands at ((c ^ g) ^ 4 (j & 1)) << 4, the base's bit 6
+// flipped on odd j. (The generic gather_rows_async spent ~17 instructions per 16-byte copy here
+// on index shuffles, 64-bit multiplies and swizzle arithmetic; the producer's issue slots come
+// out of the consumers' sub-partitions.)
 template <typename Traits>
 __device__ __forceinline__ void copy_rows_async(std::uint32_t tile, const std::uint16_t* rows, std::int64_t row_stride,
                                                 int row_index, int warp, int lane) {
-  gather_rows_async<Traits::kChunks, 32>(tile, rows, row_stride, row_index, lane, [&](int row, int chunk) {
-    return sm90::swizzled_offset<Traits::kKeyTile>(32 * warp + row, chunk);
-  });
+  constexpr int kLines = Traits::kChunks / 8;                              // 128-byte lines per row
+  constexpr std::uint32_t kBlockBytes = Traits::kKeyTile * sm90::kSwizzleRowBytes;  // one column block
+  static_assert(Traits::kChunks % 8 == 0, "rows of whole 128-byte lines");
+  const std::uint16_t* own = rows + (row_index >= 0 ? row_index * row_stride : 0);
+  const int group = lane / 8, chunk = lane % 8;
+  // Needs the tile 1024-byte aligned (the swizzle atoms), so the XOR below cannot carry.
+  const std::uint32_t base =
+      tile + std::uint32_t(32 * warp + group) * sm90::kSwizzleRowBytes + std::uint32_t((chunk ^ group) << 4);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int from = 4 * j + group;
+    const int index = __shfl_sync(sm80::kFullMask, row_index, from);
+    const auto* source = reinterpret_cast<const std::uint16_t*>(
+        __shfl_sync(sm80::kFullMask, reinterpret_cast<std::uintptr_t>(own), from)) + 8 * chunk;
+    const std::uint32_t destination = (base ^ std::uint32_t((j & 1) << 6)) + std::uint32_t(j * 4 * sm90::kSwizzleRowBytes);
+#pragma unroll
+    for (int line = 0; line < kLines; ++line) {
+      sm80::cp_async_16(destination + line * kBlockBytes, source + 64 * line, index >= 0);
+    }
+  }
 }
 
 template <typename Traits>
@@ -289,21 +318,25 @@ struct ConsumerState {
   float row_max[2];
   float row_sum[2];
   float correction[2];  // of the last softmax step, applied to o before its P V
+  bool rescale;         // warp-uniform: the last step moved the max, so o needs the correction
 };
 
-// Logits in log2 units for one step, in place on the S fragment (column 8j + 2q + e of
-// s[4j + 2h + e]): all keys valid, a tail of valid keys, or pseudo-keys with their bias.
+// The running max moves only when a step's max exceeds it by more than this (log2 units), so a
+// probability may reach 2^8 before it is rounded to 16 bits (fine in bf16 and fp16) and most
+// steps skip rescaling o (FlashAttention-4's lazy rescale). The result is the same softmax: sums,
+// o and the log-sum-exp all refer to the same max.
+constexpr float kMaxSlackLog2 = 8.f;
+
+// A step's scores on the S fragment (column 8j + 2q + e of s[4j + 2h + e]) before the softmax:
+// exact keys stay raw dot products (the softmax folds the scale into its exponent's FFMA, as
+// FlashAttention-3 does, so a full step costs no multiply pass), a tail of valid keys gets -inf
+// beyond it, and pseudo-keys become logits in log2 units with their bias (scale 1 after).
 template <typename Traits>
-__device__ __forceinline__ void scale_logits(float (&s)[Traits::kKeyTile / 2], float scale_log2) {
-#pragma unroll
-  for (int i = 0; i < Traits::kKeyTile / 2; ++i) s[i] *= scale_log2;
-}
-template <typename Traits>
-__device__ __forceinline__ void mask_logits(float (&s)[Traits::kKeyTile / 2], int valid, float scale_log2, int quad) {
+__device__ __forceinline__ void mask_scores(float (&s)[Traits::kKeyTile / 2], int valid, int quad) {
 #pragma unroll
   for (int i = 0; i < Traits::kKeyTile / 2; ++i) {
     const int column = 8 * (i / 4) + 2 * quad + (i & 1);
-    s[i] = column < valid ? s[i] * scale_log2 : -INFINITY;
+    if (column >= valid) s[i] = -INFINITY;
   }
 }
 template <typename Traits>
@@ -319,37 +352,52 @@ __device__ __forceinline__ void bias_logits(float (&s)[Traits::kKeyTile / 2], co
   }
 }
 
-// Online softmax update with the step's logits: s becomes exp2(s - new max), the row sums take
-// the step, and the correction for o is kept for the next P V.
+// Online softmax update with the step's scores s in units where `scale` (> 0) makes them log2
+// logits: s becomes exp2(scale s - running max), the row sums take the step, and when the max
+// moves (kMaxSlackLog2; decided per warp, so the skip is a uniform branch) the correction for o
+// is kept for the next P V. The max is taken before scaling (a positive scale keeps the order).
 template <typename Traits>
-__device__ __forceinline__ void softmax_step(float (&s)[Traits::kKeyTile / 2], ConsumerState<Traits>& state) {
+__device__ __forceinline__ void softmax_step(float (&s)[Traits::kKeyTile / 2], ConsumerState<Traits>& state,
+                                             float scale) {
+  float step_max[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    float row_max = state.row_max[half];
+    float m = -INFINITY;
 #pragma unroll
-    for (int j = 0; j < Traits::kKeyTile / 8; ++j) {
-      row_max = fmaxf(row_max, fmaxf(s[4 * j + 2 * half], s[4 * j + 2 * half + 1]));
+    for (int j = 0; j < Traits::kKeyTile / 8; ++j) m = fmaxf(m, fmaxf(s[4 * j + 2 * half], s[4 * j + 2 * half + 1]));
+    m = fmaxf(m, __shfl_xor_sync(kFullMask, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(kFullMask, m, 2));
+    step_max[half] = m * scale;
+  }
+  // -inf + slack stays -inf: a row's first finite max always moves it.
+  state.rescale = __any_sync(kFullMask, step_max[0] > state.row_max[0] + kMaxSlackLog2 ||
+                                            step_max[1] > state.row_max[1] + kMaxSlackLog2);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    if (state.rescale) {
+      const float row_max = fmaxf(state.row_max[half], step_max[half]);
+      // A row that has seen only masked keys keeps max -inf; subtracting 0 instead keeps
+      // exp2(-inf - max) = 0 and avoids -inf - (-inf) = NaN.
+      const float base = row_max == -INFINITY ? 0.f : row_max;
+      state.correction[half] = sm80::exp2_approx(state.row_max[half] - base);
+      state.row_max[half] = row_max;
+      state.row_sum[half] *= state.correction[half];
     }
-    row_max = fmaxf(row_max, __shfl_xor_sync(kFullMask, row_max, 1));
-    row_max = fmaxf(row_max, __shfl_xor_sync(kFullMask, row_max, 2));
-    // A row that has seen only masked keys keeps max -inf; subtracting 0 instead keeps
-    // exp2(-inf - max) = 0 and avoids -inf - (-inf) = NaN.
-    const float base = row_max == -INFINITY ? 0.f : row_max;
-    state.correction[half] = sm80::exp2_approx(state.row_max[half] - base);
-    state.row_max[half] = row_max;
+    const float base = state.row_max[half] == -INFINITY ? 0.f : state.row_max[half];
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < Traits::kKeyTile / 8; ++j) {
-      s[4 * j + 2 * half] = sm80::exp2_approx(s[4 * j + 2 * half] - base);
-      s[4 * j + 2 * half + 1] = sm80::exp2_approx(s[4 * j + 2 * half + 1] - base);
+      s[4 * j + 2 * half] = sm80::exp2_approx(fmaf(s[4 * j + 2 * half], scale, -base));
+      s[4 * j + 2 * half + 1] = sm80::exp2_approx(fmaf(s[4 * j + 2 * half + 1], scale, -base));
       sum += s[4 * j + 2 * half] + s[4 * j + 2 * half + 1];
     }
-    state.row_sum[half] = state.row_sum[half] * state.correction[half] + sum;
+    state.row_sum[half] += sum;
   }
 }
 
 template <typename Traits>
 __device__ __forceinline__ void rescale_output(ConsumerState<Traits>& state) {
+  if (!state.rescale) return;
 #pragma unroll
   for (int i = 0; i < Traits::kHeadDim / 2; ++i) state.o[i] *= state.correction[(i >> 1) & 1];
 }
@@ -454,13 +502,57 @@ __device__ __forceinline__ void store_output(ConsumerState<Traits>& state, Share
   }
 }
 
+// A lone tile (one 64-row entry) splits its key steps between the two consumers instead of
+// leaving one idle: both take the tile's 64 rows, consumer c the steps t = c, c + 2, ..., and
+// the second hands its (o, max, sum) to the first through shared memory, which merges them as
+// two partial softmaxes and stores the rows. Each step still has one consumer, so the stages'
+// empty barriers count 128 arrivals either way.
+template <typename Traits>
+__device__ __forceinline__ void merge_partner(ConsumerState<Traits>& state, SharedStorage<Traits>& shared,
+                                              int consumer, int thread) {
+  constexpr int kO = Traits::kHeadDim / 2;
+  constexpr int kBarrier = 1;  // named barrier of the two consumer warpgroups (0 is __syncthreads)
+  if (consumer == 1) {
+#pragma unroll
+    for (int i = 0; i < kO; ++i) shared.merge[i][thread] = state.o[i];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      shared.merge[kO + half][thread] = state.row_max[half];
+      shared.merge[kO + 2 + half][thread] = state.row_sum[half];
+    }
+    asm volatile("bar.arrive %0, 256;\n" ::"n"(kBarrier) : "memory");
+    return;
+  }
+  asm volatile("bar.sync %0, 256;\n" ::"n"(kBarrier) : "memory");
+  float own[2], other[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float other_max = shared.merge[kO + half][thread];
+    const float row_max = fmaxf(state.row_max[half], other_max);
+    const float base = row_max == -INFINITY ? 0.f : row_max;  // both empty: exp2(-inf) = 0, no NaN
+    own[half] = sm80::exp2_approx(state.row_max[half] - base);
+    other[half] = sm80::exp2_approx(other_max - base);
+    state.row_max[half] = row_max;
+    state.row_sum[half] = state.row_sum[half] * own[half] + shared.merge[kO + 2 + half][thread] * other[half];
+  }
+#pragma unroll
+  for (int i = 0; i < kO; ++i) {
+    const int half = (i >> 1) & 1;
+    state.o[i] = state.o[i] * own[half] + shared.merge[i][thread] * other[half];
+  }
+}
+
+// Consumer `consumer` runs the tile's key steps first, first + stride, ... (stride 2 on a lone
+// tile, see merge_partner) over the 64 query rows at row_block * 64 of the tile.
 template <typename Traits>
 __device__ __forceinline__ void consume(const KernelParams& p, SharedStorage<Traits>& shared,
                                         Barriers<Traits>& barriers, const QueryTile& tile, const KeyPlan& plan,
-                                        int consumer, int warp, int lane) {
+                                        int consumer, bool lone, int warp, int lane) {
   const int quad = lane & 3;
+  const int first = lone ? consumer : 0, stride = lone ? 2 : 1;
+  const int row_block = lone ? 0 : consumer;
   const std::uint32_t q_tile =
-      sm80::shared_address(shared.q) + sm90::swizzled_offset<Traits::kQueryRows>(Traits::kConsumerRows * consumer, 0);
+      sm80::shared_address(shared.q) + sm90::swizzled_offset<Traits::kQueryRows>(Traits::kConsumerRows * row_block, 0);
   auto k_tile = [&](int t) { return sm80::shared_address(shared.k[t % Traits::kStages]); };
   auto v_tile = [&](int t) { return sm80::shared_address(shared.v[t % Traits::kStages]); };
   auto wait_full = [&](std::uint64_t* full, int t) {
@@ -474,18 +566,16 @@ __device__ __forceinline__ void consume(const KernelParams& p, SharedStorage<Tra
   auto release = [&](std::uint64_t* empty, int t) {
     sm90::mbarrier_arrive(sm80::shared_address(&empty[t % Traits::kStages]));
   };
-  // Step t's logits in log2 units; reads the bias of K's stage, so before K is released.
+  // Step t's scores made ready for softmax_step; returns the scale that step applies. Reads the
+  // bias of K's stage, so before K is released.
   auto logits = [&](float (&s)[Traits::kKeyTile / 2], int t) {
     if (t < plan.exact_tiles) {
       const int valid = plan.exact_total - t * Traits::kKeyTile;
-      if (valid >= Traits::kKeyTile) {
-        scale_logits<Traits>(s, p.scale_log2);
-      } else {
-        mask_logits<Traits>(s, valid, p.scale_log2, quad);
-      }
-    } else {
-      bias_logits<Traits>(s, shared.bias[t % Traits::kStages], p.scale_log2, quad);
+      if (valid < Traits::kKeyTile) mask_scores<Traits>(s, valid, quad);
+      return p.scale_log2;
     }
+    bias_logits<Traits>(s, shared.bias[t % Traits::kStages], p.scale_log2, quad);
+    return 1.f;
   };
 
   ConsumerState<Traits> state;
@@ -494,44 +584,46 @@ __device__ __forceinline__ void consume(const KernelParams& p, SharedStorage<Tra
   state.row_max[0] = state.row_max[1] = -INFINITY;
   state.row_sum[0] = state.row_sum[1] = 0.f;
   state.correction[0] = state.correction[1] = 1.f;
+  state.rescale = false;
 
   sm90::mbarrier_wait(sm80::shared_address(&barriers.q_full), 0);
   sm90::fence_proxy_async();
 
-  if (plan.total_tiles > 0) {
+  if (first < plan.total_tiles) {
     float s[Traits::kKeyTile / 2];
     std::uint32_t probabilities[Traits::kKeySteps][4];
 
-    // Step 0: scores and softmax only; its P V runs in step 1 (or the tail).
-    wait_full(barriers.k_full, 0);
-    issue_scores<Traits>(s, q_tile, k_tile(0));
+    // The first step: scores and softmax only; its P V runs in the next step (or the tail).
+    wait_full(barriers.k_full, first);
+    issue_scores<Traits>(s, q_tile, k_tile(first));
     sm90::wgmma_wait<0>();
     sm90::fence_operands(s);
-    logits(s, 0);
-    release(barriers.k_empty, 0);
-    softmax_step<Traits>(s, state);
+    float scale = logits(s, first);
+    release(barriers.k_empty, first);
+    softmax_step<Traits>(s, state, scale);
     pack_probabilities<Traits>(s, probabilities);
 
+    int last = first;  // the step whose P V is pending
 #pragma unroll 1
-    for (int t = 1; t < plan.total_tiles; ++t) {
+    for (int t = first + stride; t < plan.total_tiles; t += stride) {
       wait_full(barriers.k_full, t);
       issue_scores<Traits>(s, q_tile, k_tile(t));
       rescale_output<Traits>(state);
-      wait_full(barriers.v_full, t - 1);
-      issue_values<Traits>(state, probabilities, v_tile(t - 1));
-      sm90::wgmma_wait<1>();  // the scores of step t; P V of step t - 1 still runs
+      wait_full(barriers.v_full, last);
+      issue_values<Traits>(state, probabilities, v_tile(last));
+      sm90::wgmma_wait<1>();  // the scores of step t; P V of the step before still runs
       sm90::fence_operands(s);
-      logits(s, t);
+      scale = logits(s, t);
       release(barriers.k_empty, t);
-      softmax_step<Traits>(s, state);
+      softmax_step<Traits>(s, state, scale);
       sm90::wgmma_wait<0>();
       sm90::fence_operands(state.o);
       sm90::fence_operands(s);
-      release(barriers.v_empty, t - 1);
+      release(barriers.v_empty, last);
       pack_probabilities<Traits>(s, probabilities);
+      last = t;
     }
 
-    const int last = plan.total_tiles - 1;
     rescale_output<Traits>(state);
     wait_full(barriers.v_full, last);
     issue_values<Traits>(state, probabilities, v_tile(last));
@@ -539,7 +631,11 @@ __device__ __forceinline__ void consume(const KernelParams& p, SharedStorage<Tra
     sm90::fence_operands(state.o);
     release(barriers.v_empty, last);
   }
-  store_output<Traits>(state, shared, p, tile, consumer, warp, lane);
+  if (lone) {
+    merge_partner<Traits>(state, shared, consumer, 32 * warp + lane);
+    if (consumer == 1) return;
+  }
+  store_output<Traits>(state, shared, p, tile, row_block, warp, lane);
 }
 
 #endif  // SVGEAR_SM90A_ENABLED
@@ -564,7 +660,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   QueryTile tile;
   if (!fetch_query_tile(params, tile)) return;
   const std::int64_t list_row = std::int64_t(tile.bh) * p.query_clusters + tile.cluster;
-  const int active_consumers = tile.rows[1] > 0 ? 2 : 1;
+  // A lone 64-row entry splits its key steps between both consumers (merge_partner).
+  const bool lone = tile.rows[1] == 0;
 
   SelectedKeys keys;
   keys.clusters = p.selected_offsets != nullptr ? p.selected_clusters : nullptr;
@@ -583,8 +680,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       // empty: one arrival per consumer thread.
       sm90::mbarrier_init(sm80::shared_address(&barriers.k_full[stage]), 2 * 128);
       sm90::mbarrier_init(sm80::shared_address(&barriers.v_full[stage]), 128);
-      sm90::mbarrier_init(sm80::shared_address(&barriers.k_empty[stage]), 128 * active_consumers);
-      sm90::mbarrier_init(sm80::shared_address(&barriers.v_empty[stage]), 128 * active_consumers);
+      // each step has one consumer on a lone tile (merge_partner), both otherwise
+      sm90::mbarrier_init(sm80::shared_address(&barriers.k_empty[stage]), lone ? 128 : 2 * 128);
+      sm90::mbarrier_init(sm80::shared_address(&barriers.v_empty[stage]), lone ? 128 : 2 * 128);
     }
     sm90::mbarrier_init_fence();
   }
@@ -619,7 +717,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   } else {
     sm90::increase_registers<Traits::kConsumerRegisters>();
     const int consumer = warpgroup - 1;
-    if (consumer < active_consumers) consume<Traits>(p, shared, barriers, tile, plan, consumer, warp % 4, lane);
+    consume<Traits>(p, shared, barriers, tile, plan, consumer, lone, warp % 4, lane);
   }
 #else
   (void)params;  // built without sm_90a: never launched (sm90_attention_available() is false)
