@@ -14,14 +14,17 @@
 //   memory, the online softmax on the accumulator fragment, P rounded to 16 bits and fed from
 //   registers into O += P V (V read transposed). The product with K of step t is issued before
 //   P V of step t - 1 and the softmax of step t overlaps that P V (FlashAttention-3's
-//   intra-warpgroup overlap); K is released as soon as its scores are in registers.
+//   intra-warpgroup overlap); K is released as soon as its scores are in registers. The scale
+//   rides in the exponent's FFMA and o is rescaled only when the running max moves by more
+//   than 2^8 (kMaxSlackLog2).
 // setmaxnreg moves registers from the producer to the consumers.
 //
 // Work tiles: the problem's list has one entry per 64 rows (kQueryTile) of a query cluster.
 // A CTA is launched per entry; the entry at an even 64-row offset of its cluster (offset % 128
 // == 0) also takes the next entry when that one is the following 64 rows of the same cluster,
-// and that next entry's CTA exits at once. Lists from build_query_tiles pair up completely; any
-// other valid list still computes every row (unpaired entries run with one consumer idle).
+// and that next entry's CTA exits at once. An entry left alone (a cluster's odd last 64 rows, or
+// an unpaired entry of another list) splits its key steps between both consumers, which merge
+// their partial softmaxes at the end (merge_partner).
 //
 // Compensation: the fp32 means are rounded to the element type once per call into a scratch
 // copy (the rounding the sm80 kernel applies in shared memory), so pseudo-key rows are gathered
