@@ -554,17 +554,37 @@ struct DenseCase {
   std::int64_t sq, sk;
   bool bshd;
   bool explicit_layout;  // offsets, selection and work list given instead of the null shortcuts
+  double key_growth = 0;  // key row i scaled by 1 + key_growth * i / sk: logits that grow along the keys
 };
+
+// Scales row i of every head by 1 + growth * i / s and rounds it again to the element type.
+void grow_rows(HostTensor4& t, double growth, DType dtype) {
+  for (int bi = 0; bi < t.b; ++bi) {
+    for (int hi = 0; hi < t.h; ++hi) {
+      for (std::int64_t si = 0; si < t.s; ++si) {
+        const double factor = 1.0 + growth * double(si) / double(t.s);
+        for (int di = 0; di < t.d; ++di) {
+          float& value = t.values[std::size_t(t.logical(bi, hi, si) + di)];
+          const std::uint16_t bits = to_bits(float(factor * value), dtype);
+          value = from_bits(bits, dtype);
+          t.bits[std::size_t(t.physical(bi, hi, si) + di)] = bits;
+        }
+      }
+    }
+  }
+}
 
 // With `lse`, runs again with the lse output and checks it against the CPU's ordinary
 // log-sum-exp, and that the output is unchanged.
 void expect_dense_matches(const DenseCase& c, std::uint64_t seed, bool lse = false) {
   SCOPED_TRACE(std::string("dense ") + (c.dtype == DType::bf16 ? "bf16" : "f16") + " D=" + std::to_string(c.d) +
                " sq=" + std::to_string(c.sq) + " sk=" + std::to_string(c.sk) + (c.bshd ? " BSHD" : "") +
-               (c.explicit_layout ? " explicit layout" : "") + (lse ? " lse" : ""));
+               (c.explicit_layout ? " explicit layout" : "") + (lse ? " lse" : "") +
+               (c.key_growth != 0 ? " key growth " + std::to_string(c.key_growth) : ""));
   const int bh_count = c.batch * c.heads;
   const HostTensor4 q = make_tensor(c.batch, c.heads, c.sq, c.d, c.dtype, c.bshd, 1.5, 0, seed * 5 + 1);
-  const HostTensor4 k = make_tensor(c.batch, c.heads, c.sk, c.d, c.dtype, c.bshd, 1.0, 0, seed * 5 + 2);
+  HostTensor4 k = make_tensor(c.batch, c.heads, c.sk, c.d, c.dtype, c.bshd, 1.0, 0, seed * 5 + 2);
+  if (c.key_growth != 0) grow_rows(k, c.key_growth, c.dtype);
   const HostTensor4 v = make_tensor(c.batch, c.heads, c.sk, c.d, c.dtype, c.bshd, 1.0, 0, seed * 5 + 3);
   std::vector<float> reference(q.values.size()), reference_lse(std::size_t(bh_count) * std::size_t(c.sq));
   for (int bi = 0; bi < c.batch; ++bi) {
@@ -651,6 +671,23 @@ TEST_P(GpuSparseAttentionKernel, SmallDense) {
         expect_dense_matches({dtype, d, 1, 3, 1, 1, false, explicit_layout}, ++seed);
         expect_dense_matches({dtype, d, 3, 1, 127, 300, false, explicit_layout}, ++seed);
         expect_dense_matches({dtype, d, 1, 3, 65, 64, true, explicit_layout}, ++seed);
+      }
+    }
+  }
+}
+
+// Logits that grow along the keys (key norms up to 7x), so the running max moves step after step,
+// by more and by less than the sm90 kernel's lazy-rescale slack (2^8): both branches of the
+// rescale. sq = 60 is one lone 64-row tile, whose two consumers take alternate steps and merge
+// partial softmaxes of different maxima; sq = 130 is a paired tile and a lone one of 2 rows.
+TEST_P(GpuSparseAttentionKernel, SmallDenseGrowingLogits) {
+  std::uint64_t seed = 300;
+  for (int d : {64, 128}) {
+    for (std::int64_t sq : {60, 130}) {
+      for (bool explicit_layout : {false, true}) {
+        DenseCase c{DType::bf16, d, 1, 2, sq, 2000, false, explicit_layout};
+        c.key_growth = 6;
+        expect_dense_matches(c, ++seed, true);
       }
     }
   }
