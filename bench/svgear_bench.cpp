@@ -75,7 +75,8 @@ Timing time_method(const DeviceQkv& qkv, const MethodConfig& config, int repeats
 // What the attention kernel does with a plan, to compare with the pairs it is credited for: the
 // sm90 kernel runs one CTA per 128 rows of a query cluster (two 64-row consumers), each walking
 // 128-key steps over its selected clusters' keys and then 128-pseudo-key steps over the
-// compensated clusters (non-empty, not selected).
+// compensated clusters (non-empty, not selected). A CTA with one 64-row tile (a cluster's odd
+// last 64 rows) splits those steps between its two consumers.
 nlohmann::json plan_statistics(const cuda::PlanExport& plan, bool compensation) {
   const int cq = plan.query_clusters, ck = plan.key_clusters;
   const std::size_t heads = plan.q_offsets.size() / std::size_t(cq + 1);
@@ -110,7 +111,7 @@ nlohmann::json plan_statistics(const cuda::PlanExport& plan, bool compensation) 
   nlohmann::json stats;
   stats["exact_pairs"] = exact_pairs;
   stats["ctas"] = ctas;
-  stats["ctas_with_one_consumer"] = lone_ctas;
+  stats["ctas_with_one_row_tile"] = lone_ctas;
   stats["row_padding"] = row_slots / std::max(rows, 1.0) - 1.0;  // 64-row consumer tiles over real rows
   stats["exact_steps_per_cta"] = exact_steps / std::max(ctas, 1.0);
   stats["pseudo_steps_per_cta"] = pseudo_steps / std::max(ctas, 1.0);
