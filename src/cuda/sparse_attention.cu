@@ -34,6 +34,7 @@ namespace svgear::cuda {
 namespace {
 
 using sm80::kFullMask;
+using attention::exponent_base;
 using attention::gather_rows_async;
 using attention::KernelParams;
 using attention::lse_of_head;
@@ -253,9 +254,7 @@ __device__ __forceinline__ void attend_tile(const std::uint32_t (&q)[Traits::kDS
     for (int n = 0; n < kN; ++n) row_max = fmaxf(row_max, fmaxf(s[n][2 * half], s[n][2 * half + 1]));
     row_max = fmaxf(row_max, __shfl_xor_sync(kFullMask, row_max, 1));
     row_max = fmaxf(row_max, __shfl_xor_sync(kFullMask, row_max, 2));
-    // A row that has seen only masked keys keeps max -inf; subtracting 0 instead keeps
-    // exp2(-inf - max) = 0 and avoids -inf - (-inf) = NaN.
-    const float base = row_max == -INFINITY ? 0.f : row_max;
+    const float base = exponent_base(row_max);
     const float correction = sm80::exp2_approx(acc.row_max[half] - base);
     acc.row_max[half] = row_max;
     float sum = 0.f;

@@ -44,6 +44,11 @@ __device__ __forceinline__ void raise_error(const KernelParams& p, std::int32_t 
   if (p.error_flags != nullptr) atomicOr(p.error_flags, bit);
 }
 
+// What a row's exponentials subtract, exp2(logit - base): its running max, or 0 while the row
+// has seen only masked keys (max -inf), which keeps exp2(-inf - base) = 0 and avoids
+// -inf - (-inf) = NaN.
+__device__ __forceinline__ float exponent_base(float row_max) { return row_max == -INFINITY ? 0.f : row_max; }
+
 // A row's log-sum-exp in natural-log units from the kernels' softmax state, which lives in the
 // log2 domain: row_max = max of the logits times log2 e (pseudo-keys' bias log2 n_j included),
 // sum = the row's sum of exp2(logit - row_max). ln sum exp(l) = ln 2 * (row_max + log2 sum);

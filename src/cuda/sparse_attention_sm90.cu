@@ -379,14 +379,11 @@ __device__ __forceinline__ void softmax_step(float (&s)[Traits::kKeyTile / 2], C
   for (int half = 0; half < 2; ++half) {
     if (state.rescale) {
       const float row_max = fmaxf(state.row_max[half], step_max[half]);
-      // A row that has seen only masked keys keeps max -inf; subtracting 0 instead keeps
-      // exp2(-inf - max) = 0 and avoids -inf - (-inf) = NaN.
-      const float base = row_max == -INFINITY ? 0.f : row_max;
-      state.correction[half] = sm80::exp2_approx(state.row_max[half] - base);
+      state.correction[half] = sm80::exp2_approx(state.row_max[half] - exponent_base(row_max));
       state.row_max[half] = row_max;
       state.row_sum[half] *= state.correction[half];
     }
-    const float base = state.row_max[half] == -INFINITY ? 0.f : state.row_max[half];
+    const float base = exponent_base(state.row_max[half]);
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < Traits::kKeyTile / 8; ++j) {
@@ -532,7 +529,7 @@ __device__ __forceinline__ void merge_partner(ConsumerState<Traits>& state, Shar
   for (int half = 0; half < 2; ++half) {
     const float other_max = shared.merge[kO + half][thread];
     const float row_max = fmaxf(state.row_max[half], other_max);
-    const float base = row_max == -INFINITY ? 0.f : row_max;  // both empty: exp2(-inf) = 0, no NaN
+    const float base = exponent_base(row_max);  // both empty: exp2(-inf) = 0, no NaN
     own[half] = sm80::exp2_approx(state.row_max[half] - base);
     other[half] = sm80::exp2_approx(other_max - base);
     state.row_max[half] = row_max;
