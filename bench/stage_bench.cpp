@@ -133,7 +133,7 @@ struct Clustering {
         offsets(std::size_t(heads_total * (clusters_ + 1))),
         clusters(clusters_) {}
   cuda::KmeansOutputs outputs() const {
-    return {centroids.get(), labels.get(), counts.get(), order.get(), offsets.get(), nullptr};
+    return {centroids.get(), labels.get(), counts.get(), order.get(), offsets.get(), nullptr, {}, nullptr};
   }
   cuda::DeviceLayout layout() const { return {order.get(), offsets.get(), clusters}; }
 };

@@ -129,6 +129,7 @@ int main(int argc, char** argv) {
   const MethodConfig library_defaults;  // the probe rows the library takes unless told otherwise
   int clusters_q = 256, clusters_k = 1024, repeats = 10, probes = library_defaults.probe_queries;
   int warm_iterations = library_defaults.kmeans_warm_iterations;
+  int query_tail_limit = library_defaults.query_tail_limit;
   bool probe_mean = library_defaults.probe_mean;
   std::string dump;
   cli::add_workload_options(app, shape, "");
@@ -140,6 +141,11 @@ int main(int argc, char** argv) {
   app.add_option("--warm-iters", warm_iterations, "k-means iterations of a warm-started call (EAR, SVG2)")
       ->capture_default_str()
       ->check(CLI::Range(1, 100));
+  app.add_option("--query-tail-limit", query_tail_limit,
+                 "EAR and SVG2: query clusters hand tails of at most this many rows past whole 64-row tiles to "
+                 "their second-nearest clusters (0: off)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 32));
   app.add_option("--repeats", repeats)->capture_default_str();
   app.add_option("--dump", dump, "Folder for q/k/v, the EAR selection and result.json")->required();
   CLI11_PARSE(app, argc, argv);
@@ -172,6 +178,7 @@ int main(int argc, char** argv) {
       c->probe_queries = probes;
       c->probe_mean = probe_mean;
       c->kmeans_warm_iterations = warm_iterations;
+      c->query_tail_limit = query_tail_limit;
     }
     std::printf("timing dense, EAR, SVG2 (%d repeats each)\n", repeats);
     std::fflush(stdout);
@@ -185,6 +192,7 @@ int main(int argc, char** argv) {
     result["clusters_q"] = clusters_q;
     result["clusters_k"] = clusters_k;
     result["warm_iterations"] = warm_iterations;
+    result["query_tail_limit"] = query_tail_limit;
     result["density"] = ear_timing.density;
     result["ear_plan"] = plan_statistics(plan, true);
     result["svg2_density"] = svg2_timing.density;

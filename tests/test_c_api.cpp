@@ -156,6 +156,16 @@ TEST(CApi, ProbeMeanOptionParsesAndIsDescribed) {
   EXPECT_NE(std::string(svgear_last_error()).find("choose true or false"), std::string::npos) << svgear_last_error();
 }
 
+TEST(CApi, QueryTailLimitOptionParsesAndIsDescribed) {
+  Config config("ear");
+  const std::string defaults = svgear_config_describe(config.handle);
+  EXPECT_NE(defaults.find("\"query_tail_limit\":0"), std::string::npos) << defaults;
+  ASSERT_EQ(svgear_config_set(config.handle, "query_tail_limit", "24"), SVGEAR_OK) << svgear_last_error();
+  const std::string described = svgear_config_describe(config.handle);
+  EXPECT_NE(described.find("\"query_tail_limit\":24"), std::string::npos) << described;
+  EXPECT_EQ(svgear_config_set(config.handle, "query_tail_limit", "a few"), SVGEAR_ERROR_VALUE);
+}
+
 // On CPU tensors synchronize = false changes nothing: the same output, a complete report, NaN
 // inputs raised by the call itself, with or without a state; svgear_state_synchronize is a no-op.
 TEST(CApi, AsynchronousOptionHasNoEffectOnTheCpu) {

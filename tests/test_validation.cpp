@@ -148,6 +148,12 @@ TEST(Validation, BadConfigValues) {
   in.config.probe_queries = -1;
   expect_rejected(in, "probe queries");
   in = Inputs{};
+  in.config.query_tail_limit = 33;  // a tail limit beyond half a 64-row tile
+  expect_rejected(in, "query tail limit");
+  in = Inputs{};
+  in.config.query_tail_limit = -1;
+  expect_rejected(in, "query tail limit");
+  in = Inputs{};
   in.config.kmeans_iterations = 0;
   expect_rejected(in, "iterations");
 }

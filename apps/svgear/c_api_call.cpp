@@ -32,6 +32,7 @@ std::vector<std::pair<std::string, std::string>> options_of(const MethodConfig& 
       {"clusters_k", std::to_string(config.clusters_k)},
       {"kmeans_iters", std::to_string(config.kmeans_iterations)},
       {"warm_iters", std::to_string(config.kmeans_warm_iterations)},
+      {"query_tail_limit", std::to_string(config.query_tail_limit)},
       {"probe_queries", std::to_string(config.probe_queries)},
       {"probe_mean", config.probe_mean ? "true" : "false"},
       {"init", config.kmeans_init == KmeansInit::strided ? "strided" : "kmeans++"},

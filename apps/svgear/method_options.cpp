@@ -26,6 +26,10 @@ void add_method_options(CLI::App& command, MethodOptions& options, bool with_bud
   command.add_option("--warm-iters", d.kmeans_warm_iterations,
                      "k-means iterations when warm-started from the previous step's centroids")
       ->capture_default_str();
+  command.add_option("--query-tail-limit", d.query_tail_limit,
+                     "Query clusters with at most this many rows past whole 64-row tiles hand them to their "
+                     "members' second-nearest clusters (fewer padding rows in the CUDA kernel; 0: off)")
+      ->capture_default_str();
   command.add_option("--probe-queries", d.probe_queries,
                      "EAR probe: sampled queries per query cluster (0: only the mean query, with --probe-mean)")
       ->capture_default_str();

@@ -56,6 +56,11 @@ struct MethodConfig {
   // (docs/QUALITY.md, "Warm k-means iterations"), more than that PSNR is worth in density.
   int kmeans_warm_iterations = 1;
   KmeansInit kmeans_init = KmeansInit::kmeans_plus_plus;
+  // Query clusters of 64 t + r rows (t >= 1) with 1 <= r <= query_tail_limit hand those r rows
+  // to their second-nearest clusters, where those have room in their last 64-row tile, so the
+  // CUDA kernel (whose query tiles are 64 rows) computes fewer padding rows; 0 turns it off.
+  // The rows moved are the ones nearly equidistant from two centroids (src/cpu/tile_alignment.hpp).
+  int query_tail_limit = 0;
   int probe_queries = 0;            // EAR probe: sampled queries per query cluster (0: only the mean)
   // EAR probe: one more probe row per query cluster, the cluster's mean query (rounded to the
   // input's dtype). On the quality model's captures the mean row alone ranks blocks much better

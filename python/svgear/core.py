@@ -305,11 +305,11 @@ def attention(q, k, v, *, method="ear", density=None, layout="bshd", state=None,
     (batch, heads, tokens, head_dim), scaled_dot_product_attention's. Any strides.
     method: "ear" (SVG-EAR), "svg2" or "dense". density: fraction of query-key pairs computed
     exactly (default: the method's, 0.2; dense: 1). state: a svgear.LayerState carried across
-    steps. options: clusters_q, clusters_k, kmeans_iters, warm_iters, probe_queries, probe_mean, top_p,
-    min_key_fraction, budget_scope, policy, compensation, init, seed (see `svgear eval --help`),
-    and synchronize: False makes a CUDA call return without waiting for the GPU (needs `state`,
-    whose next call or state.synchronize() raises a NaN/Inf input; last_report() is partial);
-    no effect on the CPU.
+    steps. options: clusters_q, clusters_k, kmeans_iters, warm_iters, query_tail_limit,
+    probe_queries, probe_mean, top_p, min_key_fraction, budget_scope, policy, compensation, init,
+    seed (see `svgear eval --help`), and synchronize: False makes a CUDA call return without
+    waiting for the GPU (needs `state`, whose next call or state.synchronize() raises a NaN/Inf
+    input; last_report() is partial); no effect on the CPU.
     Returns a new tensor like q (or writes `out`); with return_lse=True, (out, lse) where lse is
     float32 (B, H, Sq): the log of each row's softmax denominator. stream: a CUDA stream handle
     (int); default: torch's current stream for torch tensors, else the legacy default stream.

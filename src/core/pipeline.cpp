@@ -179,10 +179,12 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
       options.seed = config.seed + head;
       options.iterations = report.warm_started ? config.kmeans_warm_iterations : config.kmeans_iterations;
       options.clusters = cq;
+      options.alignment.tail_limit = config.query_tail_limit;
       const cpu::KmeansResult q_clusters = cpu::kmeans(
           qh.data(), sq, d, options,
           report.warm_started ? &state->q_centroids[head * std::size_t(cq * d)] : nullptr);
       options.clusters = ck;
+      options.alignment.tail_limit = 0;  // key clusters have no tiles of their own
       options.seed = ~(config.seed + head);
       const cpu::KmeansResult k_clusters = cpu::kmeans(
           kh.data(), sk, d, options,

@@ -63,22 +63,37 @@ std::vector<float> strided_init(const float* points, std::int64_t n, std::int64_
 
 double assign_to_nearest_centroid(const float* points, std::int64_t n, std::int64_t d,
                                   const float* centroids, int clusters,
-                                  std::vector<std::int32_t>& labels) {
+                                  std::vector<std::int32_t>& labels, RunnerUps* runner_ups) {
   labels.resize(std::size_t(n));
+  if (runner_ups != nullptr) {
+    runner_ups->labels.resize(std::size_t(n));
+    runner_ups->regrets.resize(std::size_t(n));
+  }
   double objective = 0;
 #pragma omp parallel for schedule(static) reduction(+ : objective)
   for (std::int64_t i = 0; i < n; ++i) {
-    double best = std::numeric_limits<double>::infinity();
-    std::int32_t best_label = 0;
+    const double infinity = std::numeric_limits<double>::infinity();
+    double best = infinity, second = infinity;
+    std::int32_t best_label = 0, second_label = 0;
     for (int c = 0; c < clusters; ++c) {
       const double distance = squared_distance(points + i * d, centroids + std::int64_t(c) * d, d);
       if (distance < best) {
+        second = best;
+        second_label = best_label;
         best = distance;
         best_label = c;
+      } else if (distance < second) {
+        second = distance;
+        second_label = c;
       }
     }
     labels[std::size_t(i)] = best_label;
     objective += best;
+    if (runner_ups != nullptr) {
+      const bool alone = second == infinity;  // a single cluster: no runner-up
+      runner_ups->labels[std::size_t(i)] = alone ? best_label : second_label;
+      runner_ups->regrets[std::size_t(i)] = alone ? 0.0f : float(second - best);
+    }
   }
   return objective;
 }
@@ -116,8 +131,20 @@ KmeansResult kmeans(const float* points, std::int64_t n, std::int64_t d,
     result.centroids = strided_init(points, n, d, clusters);
   }
   for (int iteration = 0; iteration < options.iterations; ++iteration) {
+    const bool align = iteration + 1 == options.iterations && options.alignment.tail_limit > 0;
+    RunnerUps runner_ups;
     result.objective.push_back(assign_to_nearest_centroid(points, n, d, result.centroids.data(),
-                                                          clusters, result.labels));
+                                                          clusters, result.labels,
+                                                          align ? &runner_ups : nullptr));
+    if (align) {
+      const std::vector<std::int32_t> nearest = result.labels;
+      result.aligned_rows = align_clusters_to_tiles(result.labels, runner_ups, clusters, options.alignment);
+      // A moved row now sits at its runner-up's distance: the objective counts it there, as
+      // the update's centroids (and the CUDA path's objective) see it.
+      for (std::size_t i = 0; i < nearest.size(); ++i) {
+        if (result.labels[i] != nearest[i]) result.objective.back() += double(runner_ups.regrets[i]);
+      }
+    }
     update_centroids(points, n, d, result.labels, clusters, result.centroids, result.counts);
   }
   return result;

@@ -294,11 +294,13 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
     // sort, the means) fill the gaps of K's.
     {
       const ForkedStream side(stream);
-      kmeans(qh, KmeansSettings{cq, iterations, report.warm_started ? cache->q : nullptr, non_finite},
-             KmeansOutputs{cache->q, q_labels.get(), q_counts.get(), q_order.get(), q_offsets.get(), nullptr},
+      kmeans(qh,
+             KmeansSettings{cq, iterations, report.warm_started ? cache->q : nullptr, non_finite,
+                            config.query_tail_limit},
+             KmeansOutputs{cache->q, q_labels.get(), q_counts.get(), q_order.get(), q_offsets.get(), nullptr, {}, nullptr},
              side.get());
       kmeans(kh, KmeansSettings{ck, iterations, report.warm_started ? cache->k : nullptr, non_finite},
-             KmeansOutputs{cache->k, k_labels.get(), k_counts.get(), k_order.get(), k_offsets.get(), nullptr}, stream);
+             KmeansOutputs{cache->k, k_labels.get(), k_counts.get(), k_order.get(), k_offsets.get(), nullptr, {}, nullptr}, stream);
       side.join();
     }
     timer.mark(2);

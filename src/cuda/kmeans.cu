@@ -75,12 +75,13 @@ __device__ void count_non_finite_rows(const E* x_tile, std::int64_t rows, unsign
 // term (105 KB of shared memory each at D = 128, <= 128 registers), so one CTA's tile loads
 // overlap the other's MMAs; two terms take 140 KB, one CTA per SM. With non_finite, the CTA also
 // counts its rows' NaN/Inf elements there (the pipeline's input check of q and k, from the tile
-// this kernel loads anyway).
-template <class E, int D, int kTerms>
+// this kernel loads anyway). With kRunnerUp, it also writes every row's runner-up centroid and
+// regret (NearestCentroid), for the tile alignment after k-means' last assignment.
+template <class E, int D, int kTerms, bool kRunnerUp = false>
 __global__ void __launch_bounds__(kAssignThreads, kTerms == 1 ? 2 : 1)
     assign_kernel(DeviceTensor tensor, int heads, std::int64_t tokens, bool aligned16, const E* centroid_hi,
                   const E* centroid_lo, const float* centroid_norms, int clusters, int padded, std::int32_t* labels,
-                  unsigned long long* non_finite) {
+                  unsigned long long* non_finite, std::int32_t* runner_up, float* regret) {
   constexpr int kStride = kTileStride<D>;
   constexpr int kStageElements = kAssignCentroids * kStride;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -116,7 +117,7 @@ __global__ void __launch_bounds__(kAssignThreads, kTerms == 1 ? 2 : 1)
   sm80::cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  NearestCentroid<kAssignBlocks> nearest;
+  NearestCentroid<kAssignBlocks, kRunnerUp> nearest;
   const int tiles = padded / kAssignCentroids;
   for (int t = 0; t < tiles; ++t) {
     const int stage = t & 1;
@@ -136,27 +137,38 @@ __global__ void __launch_bounds__(kAssignThreads, kTerms == 1 ? 2 : 1)
     nearest.take(acc, t, clusters, norm_tiles + stage * kAssignCentroids, lane % 4);
     __syncthreads();  // the stage is reloaded next iteration
   }
-  nearest.store(labels + bh * tokens, row0 + warp * 16 * kAssignBlocks, tokens, lane);
+  nearest.store(labels + bh * tokens, row0 + warp * 16 * kAssignBlocks, tokens, lane,
+                kRunnerUp ? runner_up + bh * tokens : nullptr, kRunnerUp ? regret + bh * tokens : nullptr);
 }
 
-// non_finite: count the points' NaN/Inf there too (on the mma.sync kernel, whatever
-// use_sm90_assign says: only it counts).
+// non_finite: count the points' NaN/Inf there too; runner_ups (non-null fields): the second
+// choices too (both on the mma.sync kernel, whatever use_sm90_assign says: only it does them).
 template <class E, int D, int kTerms>
 void launch_assign(const DeviceHeads& points, const PackedCentroids<E, D>& packed, std::int32_t* labels,
-                   std::int64_t* non_finite, cudaStream_t stream) {
-  if (non_finite == nullptr && use_sm90_assign(kTerms)) {
+                   std::int64_t* non_finite, cudaStream_t stream, DeviceRunnerUps runner_ups = {}) {
+  const bool with_runner_ups = runner_ups.labels != nullptr;
+  if (non_finite == nullptr && !with_runner_ups && use_sm90_assign(kTerms)) {
     launch_assign_sm90<E, D, kTerms>(points, packed.hi(), packed.lo(), packed.norms(), packed.clusters(),
                                      packed.padded(), labels, stream);
     return;
   }
-  constexpr std::size_t smem = assign_smem_bytes<E, D, kTerms>();
-  check_cuda(cudaFuncSetAttribute(assign_kernel<E, D, kTerms>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-             "cudaFuncSetAttribute (assign_kernel shared memory)");
-  const dim3 grid(unsigned((points.tokens + kAssignRows - 1) / kAssignRows), unsigned(points.count()));
-  assign_kernel<E, D, kTerms><<<grid, kAssignThreads, smem, stream>>>(
-      points.tensor, points.heads, points.tokens, rows_aligned_16(points), packed.hi(), packed.lo(), packed.norms(),
-      packed.clusters(), packed.padded(), labels, reinterpret_cast<unsigned long long*>(non_finite));
-  check_launch("assign_kernel");
+  auto launch = [&](auto kernel) {
+    constexpr std::size_t smem = assign_smem_bytes<E, D, kTerms>();
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+               "cudaFuncSetAttribute (assign_kernel shared memory)");
+    const dim3 grid(unsigned((points.tokens + kAssignRows - 1) / kAssignRows), unsigned(points.count()));
+    kernel<<<grid, kAssignThreads, smem, stream>>>(points.tensor, points.heads, points.tokens, rows_aligned_16(points),
+                                                   packed.hi(), packed.lo(), packed.norms(), packed.clusters(),
+                                                   packed.padded(), labels,
+                                                   reinterpret_cast<unsigned long long*>(non_finite), runner_ups.labels,
+                                                   runner_ups.regrets);
+    check_launch("assign_kernel");
+  };
+  if (with_runner_ups) {
+    launch(assign_kernel<E, D, kTerms, true>);
+  } else {
+    launch(assign_kernel<E, D, kTerms, false>);
+  }
 }
 
 __global__ void sum_objective_parts(const double* parts, int clusters, int iterations, int iteration,
@@ -209,6 +221,15 @@ void kmeans(const DeviceHeads& points, const KmeansSettings& settings, const Kme
   if (out.centroids == nullptr || out.labels == nullptr || out.counts == nullptr) {
     throw Error("kmeans: out.centroids, out.labels and out.counts must be device pointers, got a null one");
   }
+  if ((out.runner_ups.labels == nullptr) != (out.runner_ups.regrets == nullptr)) {
+    throw Error("kmeans: out.runner_ups needs both labels and regrets (or neither)");
+  }
+  if (settings.tail_limit < 0 || settings.tail_limit > 32 ||
+      (settings.tail_limit > 0 && settings.clusters > kMaxAlignedClusters)) {
+    throw Error("kmeans: tail limit " + std::to_string(settings.tail_limit) + " must be in [0, 32], and a tail " +
+                "limit needs at most " + std::to_string(kMaxAlignedClusters) + " clusters (got " +
+                std::to_string(settings.clusters) + ")");
+  }
   const cudaStream_t s = as_stream(stream);
   const std::int64_t heads_total = points.count(), tokens = points.tokens;
   const int clusters = settings.clusters, d = points.head_dim;
@@ -221,6 +242,17 @@ void kmeans(const DeviceHeads& points, const KmeansSettings& settings, const Kme
   std::int32_t* offsets = out.offsets != nullptr ? out.offsets : offsets_scratch.get();
   DeviceBuffer<double> objective_parts(out.objective != nullptr ? std::size_t(heads_total * clusters) : 0, s);
   detail::ClusterLayoutBuilder layout(heads_total, tokens, clusters, s);
+  // The last assignment's runner-ups: the caller's when asked for, else scratch when aligning.
+  const bool align = settings.tail_limit > 0;
+  const bool runner_up_scratch = align && out.runner_ups.labels == nullptr;
+  DeviceBuffer<std::int32_t> runner_up_labels(runner_up_scratch ? std::size_t(heads_total * tokens) : 0, s);
+  DeviceBuffer<float> runner_up_regrets(runner_up_scratch ? std::size_t(heads_total * tokens) : 0, s);
+  const DeviceRunnerUps runner_ups =
+      runner_up_scratch ? DeviceRunnerUps{runner_up_labels.get(), runner_up_regrets.get()} : out.runner_ups;
+  if (!align && out.aligned_rows != nullptr) {
+    check_cuda(cudaMemsetAsync(out.aligned_rows, 0, sizeof(std::int32_t) * std::size_t(heads_total), s),
+               "cudaMemsetAsync (k-means aligned rows)");
+  }
 
   dispatch_element_and_dim(points.dtype, d, [&](auto element, auto dim) {
     using E = decltype(element);
@@ -238,9 +270,16 @@ void kmeans(const DeviceHeads& points, const KmeansSettings& settings, const Kme
     }
     PackedCentroids<E, D> packed(heads_total, clusters, 1, s);
     for (int iteration = 0; iteration < settings.iterations; ++iteration) {
+      const bool last = iteration + 1 == settings.iterations;
       packed.pack(out.centroids);
-      launch_assign<E, D, 1>(points, packed, out.labels, iteration == 0 ? settings.non_finite : nullptr, s);
+      launch_assign<E, D, 1>(points, packed, out.labels, iteration == 0 ? settings.non_finite : nullptr, s,
+                             last ? runner_ups : DeviceRunnerUps{});
       layout.build(out.labels, order, offsets);
+      if (last && align) {
+        align_clusters_to_tiles(heads_total, tokens, clusters, settings.tail_limit, out.labels,
+                                DeviceLayout{order, offsets, clusters}, runner_ups, out.aligned_rows, s);
+        layout.build(out.labels, order, offsets);
+      }
       segment_means(points, order, offsets, clusters, EmptyCluster::keep, out.centroids, out.counts,
                     out.objective != nullptr ? objective_parts.get() : nullptr, s);
       if (out.objective != nullptr) {

@@ -12,11 +12,14 @@
 namespace svgear::cuda::detail {
 
 // Each thread's running argmin for its 2 kBlocks rows. Columns arrive in increasing order and
-// strict < keeps the lowest index among ties.
-template <int kBlocks>
+// strict < keeps the lowest index among ties. With kRunnerUp it also keeps the nearest other
+// centroid (the tile alignment's second choice, cpu::RunnerUps), ordered the same way.
+template <int kBlocks, bool kRunnerUp = false>
 struct NearestCentroid {
   float best[kBlocks][2];
   int index[kBlocks][2];
+  float second[kBlocks][kRunnerUp ? 2 : 1];
+  int second_index[kBlocks][kRunnerUp ? 2 : 1];
 
   __device__ NearestCentroid() {
 #pragma unroll
@@ -25,6 +28,10 @@ struct NearestCentroid {
       for (int h = 0; h < 2; ++h) {
         best[m][h] = INFINITY;
         index[m][h] = 0;
+        if constexpr (kRunnerUp) {
+          second[m][h] = INFINITY;
+          second_index[m][h] = 0;
+        }
       }
     }
   }
@@ -47,8 +54,17 @@ struct NearestCentroid {
             // ||x - c||^2 - ||x||^2 = ||c||^2 - 2 x.c
             const float distance = fmaf(-2.0f, acc[m][nt][2 * h + e], n);
             if (distance < best[m][h]) {
+              if constexpr (kRunnerUp) {
+                second[m][h] = best[m][h];
+                second_index[m][h] = index[m][h];
+              }
               best[m][h] = distance;
               index[m][h] = c;
+            } else if constexpr (kRunnerUp) {
+              if (distance < second[m][h]) {
+                second[m][h] = distance;
+                second_index[m][h] = c;
+              }
             }
           }
         }
@@ -57,8 +73,13 @@ struct NearestCentroid {
   }
 
   // Quad reduction (the 4 lanes of a row hold different columns) and the label store; the
-  // warp's rows start at first_row.
-  __device__ __forceinline__ void store(std::int32_t* labels, std::int64_t first_row, std::int64_t tokens, int lane) {
+  // warp's rows start at first_row. With kRunnerUp, also the runner-up's label and the regret
+  // d(runner-up) - d(nearest) (a row with a single cluster: its own label and 0).
+  __device__ __forceinline__ void store(std::int32_t* labels, std::int64_t first_row, std::int64_t tokens, int lane,
+                                        std::int32_t* runner_up = nullptr, float* regret = nullptr) {
+    auto before = [](float a, int a_index, float b, int b_index) {
+      return a < b || (a == b && a_index < b_index);
+    };
 #pragma unroll
     for (int m = 0; m < kBlocks; ++m) {
 #pragma unroll
@@ -67,13 +88,38 @@ struct NearestCentroid {
         for (int offset = 1; offset <= 2; offset <<= 1) {
           const float other = __shfl_xor_sync(0xffffffffu, best[m][h], offset);
           const int other_index = __shfl_xor_sync(0xffffffffu, index[m][h], offset);
-          if (other < best[m][h] || (other == best[m][h] && other_index < index[m][h])) {
+          if constexpr (kRunnerUp) {
+            // Merge two top-2 lists over disjoint columns, (distance, index) ascending.
+            const float other_second = __shfl_xor_sync(0xffffffffu, second[m][h], offset);
+            const int other_second_index = __shfl_xor_sync(0xffffffffu, second_index[m][h], offset);
+            if (before(other, other_index, best[m][h], index[m][h])) {
+              if (before(best[m][h], index[m][h], other_second, other_second_index)) {
+                second[m][h] = best[m][h];
+                second_index[m][h] = index[m][h];
+              } else {
+                second[m][h] = other_second;
+                second_index[m][h] = other_second_index;
+              }
+              best[m][h] = other;
+              index[m][h] = other_index;
+            } else if (before(other, other_index, second[m][h], second_index[m][h])) {
+              second[m][h] = other;
+              second_index[m][h] = other_index;
+            }
+          } else if (before(other, other_index, best[m][h], index[m][h])) {
             best[m][h] = other;
             index[m][h] = other_index;
           }
         }
         const std::int64_t row = first_row + 16 * m + lane / 4 + 8 * h;
-        if (lane % 4 == 0 && row < tokens) labels[row] = index[m][h];
+        if (lane % 4 == 0 && row < tokens) {
+          labels[row] = index[m][h];
+          if constexpr (kRunnerUp) {
+            const bool alone = second[m][h] == INFINITY;
+            runner_up[row] = alone ? index[m][h] : second_index[m][h];
+            regret[row] = alone ? 0.0f : second[m][h] - best[m][h];
+          }
+        }
       }
     }
   }

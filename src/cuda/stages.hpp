@@ -80,6 +80,17 @@ struct KmeansSettings {
   // Optional (device): the first assignment also adds the points' non-finite (NaN/Inf) element
   // count here, from the rows it loads anyway (the pipeline's input check of q and k).
   std::int64_t* non_finite = nullptr;
+  // > 0: between the last assignment and the last update, align_clusters_to_tiles with this
+  // tail limit (MethodConfig::query_tail_limit), so the final centroids are the means of the
+  // aligned clusters. At most 32, and clusters <= kMaxAlignedClusters.
+  int tail_limit = 0;
+};
+
+// Each point's nearest other centroid in the assignment that labelled it (cpu::RunnerUps):
+// runner-up labels and regrets d(runner-up) - d(nearest) >= 0, [BH][S] each.
+struct DeviceRunnerUps {
+  std::int32_t* labels = nullptr;
+  float* regrets = nullptr;
 };
 
 struct KmeansOutputs {
@@ -91,8 +102,13 @@ struct KmeansOutputs {
   std::int32_t* order = nullptr;    // [BH][S]
   std::int32_t* offsets = nullptr;  // [BH][C + 1]
   // [BH][iterations]: sum of squared distances of each assignment to the centroids it used
-  // (cpu::KmeansResult::objective); optional.
+  // (cpu::KmeansResult::objective; with the tile alignment the last one counts the moved rows at
+  // their runner-up's distance); optional.
   double* objective = nullptr;
+  // Optional: the last assignment's runner-ups (before any alignment moved rows), and [BH] the
+  // rows the alignment moved (cpu::KmeansResult::aligned_rows; zeros without it).
+  DeviceRunnerUps runner_ups;
+  std::int32_t* aligned_rows = nullptr;
 };
 
 void kmeans(const DeviceHeads& points, const KmeansSettings& settings, const KmeansOutputs& out, void* stream);
@@ -102,6 +118,16 @@ void kmeans(const DeviceHeads& points, const KmeansSettings& settings, const Kme
 // terms (hi + lo, ~16 mantissa bits of x.c), so labels differ from float64 only at near-ties.
 void assign_to_nearest_centroid(const DeviceHeads& points, const float* centroids, int clusters, std::int32_t* labels,
                                 void* stream);
+
+// Query clusters trimmed to the attention kernel's 64-row tiles (cpu::align_clusters_to_tiles,
+// the same decisions given the same labels and runner-ups): labels [BH][S] change in place;
+// layout is the cluster layout of those labels (cluster_layout), which the caller rebuilds
+// afterwards. moved (optional) [BH]: rows moved per head. tail_limit in [0, 63] (0: nothing
+// moves), clusters <= kMaxAlignedClusters (the walk holds two ints per cluster in shared memory).
+inline constexpr int kMaxAlignedClusters = 16384;
+void align_clusters_to_tiles(std::int64_t heads_total, std::int64_t tokens, int clusters, int tail_limit,
+                             std::int32_t* labels, const DeviceLayout& layout, const DeviceRunnerUps& runner_ups,
+                             std::int32_t* moved, void* stream);
 
 // ---------------------------------------------------------------------------------------------
 // 2. Permutation (cpu::cluster_layout): stable sort of each head's tokens by label. Labels

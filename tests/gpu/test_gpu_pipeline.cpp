@@ -184,7 +184,9 @@ TEST(GpuPipeline, SparseErrorsTrackTheCpuPipeline) {
   Gpu gpu(small_workload(64));
   HostTensor ref(DType::f32, gpu.host[0].shape), cpu_out(DType::f32, gpu.host[0].shape);
   dense_attention(gpu.host[0].view_bhsd("q"), gpu.host[1].view_bhsd("k"), gpu.host[2].view_bhsd("v"), ref.view_bhsd("ref"));
-  for (int variant = 0; variant < 3; ++variant) {  // svg2, ear (the mean query probes), ear with 4 sampled rows
+  // svg2, ear (the mean query probes), ear with 4 sampled rows, ear with query clusters of ~128
+  // rows trimmed to 64-row tiles
+  for (int variant = 0; variant < 4; ++variant) {
     const Method method = variant == 0 ? Method::svg2 : Method::ear;
     for (double density : {0.1, 0.3}) {
       MethodConfig config = preset(method);
@@ -193,6 +195,10 @@ TEST(GpuPipeline, SparseErrorsTrackTheCpuPipeline) {
       if (variant == 2) {
         config.probe_queries = 4;
         config.probe_mean = false;
+      }
+      if (variant == 3) {
+        config.clusters_q = 8;
+        config.query_tail_limit = 24;
       }
       AttentionReport gpu_report, cpu_report;
       const double gpu_error = rel_l2(gpu.run(config, &gpu_report), ref);

@@ -249,7 +249,7 @@ TEST_P(GpuFiniteCheck, CountsEveryNonFiniteElement) {
     cuda_ok(cudaMemset(found.get(), 0, sizeof(std::int64_t)), "cudaMemset");
     cuda::KmeansSettings settings{clusters, 2, nullptr};
     settings.non_finite = found.get();
-    cuda::kmeans(points->view, settings, {centroids.get(), labels.get(), counts.get(), nullptr, nullptr, nullptr},
+    cuda::kmeans(points->view, settings, {centroids.get(), labels.get(), counts.get(), nullptr, nullptr, nullptr, {}, nullptr},
                  nullptr);
     std::int64_t planted = 0;
     for (float x : points->rows) planted += std::isfinite(x) ? 0 : 1;
@@ -314,7 +314,7 @@ void expect_kmeans_matches_cpu(const KmeansCase& c) {
   settings.clusters = c.clusters;
   settings.iterations = c.iterations;
   cuda::kmeans(x.view, settings,
-               {centroids.get(), labels.get(), counts.get(), order.get(), offsets.get(), objective.get()}, nullptr);
+               {centroids.get(), labels.get(), counts.get(), order.get(), offsets.get(), objective.get(), {}, nullptr}, nullptr);
   const auto g_centroids = centroids.download();
   const auto g_labels = labels.download();
   const auto g_counts = counts.download();
@@ -432,7 +432,7 @@ TEST(GpuKmeansSmall, WarmStartKeepsEmptyClusters) {
   settings.clusters = clusters;
   settings.iterations = iterations;
   settings.initial_centroids = centroids.get();
-  cuda::kmeans(x.view, settings, {centroids.get(), labels.get(), counts.get(), nullptr, nullptr, objective.get()},
+  cuda::kmeans(x.view, settings, {centroids.get(), labels.get(), counts.get(), nullptr, nullptr, objective.get(), {}, nullptr},
                nullptr);
   const auto g_centroids = centroids.download();
   const auto g_counts = counts.download();
@@ -447,6 +447,146 @@ TEST(GpuKmeansSmall, WarmStartKeepsEmptyClusters) {
     for (int it = 0; it < iterations; ++it) {
       EXPECT_NEAR(g_objective[std::size_t(bh * iterations + it)], want.objective[std::size_t(it)],
                   (it == 0 ? 1e-4 : 1e-2) * want.objective[std::size_t(it)] + 1e-6);
+    }
+  }
+}
+
+// The tile alignment stage alone: the same decisions as the CPU rule on the same labels and
+// runner-ups. Random cluster sizes around (and under) multiples of 64, random runner-ups,
+// regrets on a coarse grid so that many tie (the walk must then keep row order).
+TEST(GpuStagesSmall, AlignClustersToTilesMatchesTheCpuRule) {
+  struct Case {
+    int clusters, limit;
+  };
+  const std::int64_t heads = 3, tokens = 3001;
+  for (const Case c : {Case{1, 24}, Case{5, 1}, Case{5, 32}, Case{20, 24}, Case{40, 24}, Case{300, 32}}) {
+    SCOPED_TRACE("clusters " + std::to_string(c.clusters) + " tail limit " + std::to_string(c.limit));
+    cpu::SplitMix64 rng(std::uint64_t(c.clusters * 100 + c.limit));
+    std::vector<std::vector<std::int32_t>> labels(heads);
+    std::vector<std::int32_t> all_labels, all_runner_ups;
+    std::vector<float> all_regrets;
+    std::vector<cpu::RunnerUps> runner_ups(heads);
+    for (std::int64_t bh = 0; bh < heads; ++bh) {
+      // Skewed cluster weights, so sizes spread over several tiles and tails.
+      std::vector<double> weights(std::size_t(c.clusters));
+      double total = 0;
+      for (double& w : weights) total += (w = 0.2 + double(rng.next() % 1000) / 1000.0);
+      for (std::int64_t s = 0; s < tokens; ++s) {
+        double pick = double(rng.next() % 1000000) / 1000000.0 * total;
+        int label = 0;
+        while (label + 1 < c.clusters && pick >= weights[std::size_t(label)]) pick -= weights[std::size_t(label++)];
+        labels[std::size_t(bh)].push_back(label);
+        runner_ups[std::size_t(bh)].labels.push_back(std::int32_t(rng.next() % std::uint64_t(c.clusters)));
+        runner_ups[std::size_t(bh)].regrets.push_back(float(rng.next() % 8) * 0.5f);
+      }
+      all_labels.insert(all_labels.end(), labels[std::size_t(bh)].begin(), labels[std::size_t(bh)].end());
+      all_runner_ups.insert(all_runner_ups.end(), runner_ups[std::size_t(bh)].labels.begin(),
+                            runner_ups[std::size_t(bh)].labels.end());
+      all_regrets.insert(all_regrets.end(), runner_ups[std::size_t(bh)].regrets.begin(),
+                         runner_ups[std::size_t(bh)].regrets.end());
+    }
+    DeviceArray<std::int32_t> g_labels(all_labels), g_runner_ups(all_runner_ups), moved(static_cast<std::size_t>(heads));
+    DeviceArray<float> g_regrets(all_regrets);
+    DeviceArray<std::int32_t> order(std::size_t(heads * tokens)), offsets(std::size_t(heads * (c.clusters + 1)));
+    cuda::cluster_layout(g_labels.get(), heads, tokens, c.clusters, order.get(), offsets.get(), nullptr);
+    cuda::align_clusters_to_tiles(heads, tokens, c.clusters, c.limit, g_labels.get(),
+                                  cuda::DeviceLayout{order.get(), offsets.get(), c.clusters},
+                                  cuda::DeviceRunnerUps{g_runner_ups.get(), g_regrets.get()}, moved.get(), nullptr);
+    const auto got = g_labels.download();
+    const auto got_moved = moved.download();
+    std::int64_t total_moved = 0;
+    for (std::int64_t bh = 0; bh < heads; ++bh) {
+      cpu::TileAlignment alignment;
+      alignment.tail_limit = c.limit;
+      std::vector<std::int32_t> want = labels[std::size_t(bh)];
+      const std::int64_t want_moved =
+          cpu::align_clusters_to_tiles(want, runner_ups[std::size_t(bh)], c.clusters, alignment);
+      EXPECT_EQ(got_moved[std::size_t(bh)], want_moved) << "head " << bh;
+      total_moved += want_moved;
+      for (std::int64_t s = 0; s < tokens; ++s) {
+        ASSERT_EQ(got[std::size_t(bh * tokens + s)], want[std::size_t(s)]) << "head " << bh << " row " << s;
+      }
+    }
+    if (c.clusters == 20) {
+      EXPECT_GT(total_moved, 0) << "the case exercises no move";
+    }
+  }
+}
+
+// k-means with a tail limit: the last assignment's runner-ups agree with the CPU's up to
+// near-ties, and the alignment it ran is the CPU rule applied to the GPU's own labels and
+// runner-ups (the same assignment without alignment gives those labels: it is deterministic).
+TEST(GpuKmeansSmall, TileAlignmentFollowsTheCpuRuleOnItsOwnRunnerUps) {
+  const std::int64_t tokens = 1000;
+  const int clusters = 6, limit = 24;
+  for (const int d : {64, 128}) {
+    SCOPED_TRACE("D " + std::to_string(d));
+    const TestHeads x = upload_heads(svgear::testing::clustered_tensor(1, 2, tokens, d, 8, 0.6, 3), Layout::bhsd);
+    std::vector<float> start(std::size_t(2 * clusters * d));
+    for (int bh = 0; bh < 2; ++bh)
+      for (int c = 0; c < clusters; ++c)
+        for (int j = 0; j < d; ++j)
+          start[std::size_t((bh * clusters + c) * d + j)] = x.head(bh)[(std::int64_t(c) * tokens / clusters) * d + j];
+    auto run = [&](int tail_limit, std::vector<std::int32_t>* runner_up_labels, std::vector<float>* regrets,
+                   std::vector<std::int32_t>* aligned_rows) {
+      DeviceArray<float> centroids(start);
+      DeviceArray<std::int32_t> labels(std::size_t(2 * tokens)), counts(std::size_t(2 * clusters));
+      DeviceArray<std::int32_t> g_runner_ups(std::size_t(2 * tokens)), aligned(2);
+      DeviceArray<float> g_regrets(std::size_t(2 * tokens));
+      cuda::KmeansSettings settings;
+      settings.clusters = clusters;
+      settings.iterations = 1;
+      settings.initial_centroids = centroids.get();
+      settings.tail_limit = tail_limit;
+      cuda::KmeansOutputs out{centroids.get(), labels.get(), counts.get(), nullptr, nullptr, nullptr, {}, nullptr};
+      out.runner_ups = cuda::DeviceRunnerUps{g_runner_ups.get(), g_regrets.get()};
+      out.aligned_rows = aligned.get();
+      cuda::kmeans(x.view, settings, out, nullptr);
+      if (runner_up_labels != nullptr) *runner_up_labels = g_runner_ups.download();
+      if (regrets != nullptr) *regrets = g_regrets.download();
+      if (aligned_rows != nullptr) *aligned_rows = aligned.download();
+      return labels.download();
+    };
+    std::vector<std::int32_t> runner_up_labels, aligned_rows, plain_aligned;
+    std::vector<float> regrets;
+    const std::vector<std::int32_t> nearest = run(0, nullptr, nullptr, &plain_aligned);
+    const std::vector<std::int32_t> aligned = run(limit, &runner_up_labels, &regrets, &aligned_rows);
+    EXPECT_GT(aligned_rows[0] + aligned_rows[1], 0) << "the case exercises no move";  // 43 / 53 rows on the CPU
+    for (int bh = 0; bh < 2; ++bh) {
+      SCOPED_TRACE("head " + std::to_string(bh));
+      EXPECT_EQ(plain_aligned[std::size_t(bh)], 0);
+      const auto slice = [&](const auto& v) {
+        using T = typename std::decay_t<decltype(v)>::value_type;
+        return std::vector<T>(v.begin() + bh * tokens, v.begin() + (bh + 1) * tokens);
+      };
+      cpu::RunnerUps gpu_runner_ups{slice(runner_up_labels), slice(regrets)};
+      std::vector<std::int32_t> want = slice(nearest);
+      cpu::TileAlignment alignment;
+      alignment.tail_limit = limit;
+      EXPECT_EQ(aligned_rows[std::size_t(bh)], cpu::align_clusters_to_tiles(want, gpu_runner_ups, clusters, alignment));
+      EXPECT_EQ(slice(aligned), want);
+
+      // The runner-ups against float64 distances from the same (16-bit exact) centroids.
+      const float* head_centroids = start.data() + bh * clusters * d;
+      std::vector<std::int32_t> cpu_labels;
+      cpu::RunnerUps cpu_runner_ups;
+      cpu::assign_to_nearest_centroid(x.head(bh), tokens, d, head_centroids, clusters, cpu_labels, &cpu_runner_ups);
+      int differences = 0;
+      for (std::int64_t s = 0; s < tokens; ++s) {
+        const std::int32_t g = gpu_runner_ups.labels[std::size_t(s)], w = cpu_runner_ups.labels[std::size_t(s)];
+        ASSERT_GE(g, 0);
+        ASSERT_LT(g, clusters);
+        const double own = cpu::squared_distance(x.head(bh) + s * d, head_centroids + cpu_labels[std::size_t(s)] * d, d);
+        const double scale = 1e-2 * (1 + own);
+        EXPECT_NEAR(gpu_runner_ups.regrets[std::size_t(s)], cpu_runner_ups.regrets[std::size_t(s)], scale)
+            << "token " << s;
+        if (g == w) continue;
+        ++differences;
+        const double dg = cpu::squared_distance(x.head(bh) + s * d, head_centroids + g * d, d);
+        const double dw = cpu::squared_distance(x.head(bh) + s * d, head_centroids + w * d, d);
+        EXPECT_NEAR(dg, dw, scale) << "token " << s << " is no near-tie";
+      }
+      EXPECT_LE(differences, tokens / 100);
     }
   }
 }
