@@ -222,3 +222,16 @@ def test_probe_rows_options():
     assert out.shape == q.shape and np.isfinite(out).all()
     with pytest.raises(ValueError, match="probe_mean"):  # no probe row at all
         svgear.attention(q, k, v, density=0.3, layout="bhsd", probe_queries=0, probe_mean=False, **SMALL)
+
+
+def test_query_tail_limit_option():
+    q, k, v = random_qkv(shape=(1, 2, 600, 32))  # 3 query clusters of ~200 rows: tails to trim
+    assert svgear.describe("ear")["query_tail_limit"] == 0
+    plain = svgear.attention(q, k, v, density=0.3, layout="bhsd", clusters_q=3, clusters_k=16)
+    aligned = svgear.attention(q, k, v, density=0.3, layout="bhsd", clusters_q=3, clusters_k=16,
+                               query_tail_limit=32)
+    assert aligned.shape == q.shape and np.isfinite(aligned).all()
+    expected, _ = reference(q, k, v)
+    assert rel(aligned, expected) < 1.1 * rel(plain, expected) + 1e-3
+    with pytest.raises(ValueError, match="query tail limit"):
+        svgear.attention(q, k, v, density=0.3, layout="bhsd", query_tail_limit=40, **SMALL)
