@@ -13,6 +13,7 @@
 // The sort and the walk touch only donors' rows (a few percent of a head's rows move).
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_segmented_sort.cuh>
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -218,7 +219,7 @@ void align_clusters_to_tiles(std::int64_t heads_total, std::int64_t tokens, int 
                                                        sorted_values.get(), items, segments, begins.get(), ends.get(),
                                                        s),
              "cub::DeviceSegmentedSort::StableSortPairs (size query)");
-  DeviceBuffer<unsigned char> temp(bytes, s);
+  DeviceBuffer<unsigned char> temp(std::max<std::size_t>(bytes, 1), s);  // null would mean a size query
   check_cuda(cub::DeviceSegmentedSort::StableSortPairs(temp.get(), bytes, keys.get(), sorted_keys.get(), values.get(),
                                                        sorted_values.get(), items, segments, begins.get(), ends.get(),
                                                        s),
