@@ -114,3 +114,18 @@ TEST_F(BuiltinWorkload, TileAlignedQueryClustersKeepTheError) {
     EXPECT_LE(aligned_error, 0.5 * error_of(svg2)) << "density " << density;
   }
 }
+
+// The sketched probe (probe_value_dims = D/4) ranks blocks about as well as the exact one at the
+// sparse densities it is meant for: here +0.2 % and +0.8 % error at 0.1 and 0.2. Not at 0.3
+// (+9.4 %: the blocks left to choose from have similar errors, and the sketch's noise reorders
+// them), so the claim, and this test, stop at 0.2 (docs/ALGORITHMS.md, "A sketched probe").
+TEST_F(BuiltinWorkload, SketchedProbeKeepsTheErrorAtSparseDensities) {
+  for (double density : {0.1, 0.2}) {
+    MethodConfig exact = config(Method::ear, density), sketched = exact;
+    sketched.probe_value_dims = 16;  // of head_dim 64
+    const double exact_error = error_of(exact), sketched_error = error_of(sketched);
+    EXPECT_NE(sketched_error, exact_error) << "density " << density << ": the sketch changed nothing";
+    EXPECT_LE(sketched_error, 1.05 * exact_error) << "density " << density;
+    EXPECT_LE(sketched_error, 0.5 * error_of(config(Method::svg2, density))) << "density " << density;
+  }
+}

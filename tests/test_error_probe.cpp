@@ -170,3 +170,49 @@ TEST(ErrorProbe, MeanQueryRowIsOneMoreProbe) {
     expect_matches(p, got, rows);
   }
 }
+
+// The sketched probe (value_sketch_dims) is the exact probe of values projected by the fixed
+// +-1/sqrt(k) matrix; at k >= d it is the exact probe itself.
+TEST(ErrorProbe, SketchedProbeIsTheProbeOfProjectedValues) {
+  const Problem p = make_problem(5);
+  const cpu::KeyClusterSummary summary{p.key_means.data(), p.value_means.data(), p.key_counts.data()};
+  const cpu::ProbeRows rows{2, nullptr};
+  const std::vector<double> exact = cpu::probe_compensation_error(p.qp.data(), p.kp.data(), p.vp.data(), kD, p.queries,
+                                                                  p.keys, summary, rows);
+  EXPECT_EQ(cpu::probe_compensation_error(p.qp.data(), p.kp.data(), p.vp.data(), kD, p.queries, p.keys, summary, rows,
+                                          int(kD)),
+            exact);
+  const int k = 8;
+  auto project = [&](const std::vector<float>& in) {
+    const std::int64_t n = std::int64_t(in.size()) / kD;
+    std::vector<float> out(std::size_t(n * k));
+    for (std::int64_t i = 0; i < n; ++i)
+      for (int r = 0; r < k; ++r) {
+        double sum = 0;
+        for (std::int64_t c = 0; c < kD; ++c) sum += (cpu::value_sketch_positive(r, c) ? 1.0 : -1.0) * in[std::size_t(i * kD + c)];
+        out[std::size_t(i * k + r)] = float(sum / std::sqrt(double(k)));
+      }
+    return out;
+  };
+  // The probe with projected values, computed the long way: values of width k, keys of width d.
+  const std::vector<float> vp_k = project(p.vp), means_k = project(p.value_means);
+  std::vector<float> vp_wide(p.vp.size(), 0.0f), means_wide(p.value_means.size(), 0.0f);
+  for (std::size_t i = 0; i < vp_k.size() / k; ++i)
+    for (int r = 0; r < k; ++r) vp_wide[i * kD + std::size_t(r)] = vp_k[i * k + std::size_t(r)];
+  for (std::size_t i = 0; i < means_k.size() / k; ++i)
+    for (int r = 0; r < k; ++r) means_wide[i * kD + std::size_t(r)] = means_k[i * k + std::size_t(r)];
+  const cpu::KeyClusterSummary wide{p.key_means.data(), means_wide.data(), p.key_counts.data()};
+  const std::vector<double> want = cpu::probe_compensation_error(p.qp.data(), p.kp.data(), vp_wide.data(), kD, p.queries,
+                                                                 p.keys, wide, rows);
+  const std::vector<double> got = cpu::probe_compensation_error(p.qp.data(), p.kp.data(), p.vp.data(), kD, p.queries,
+                                                                p.keys, summary, rows, k);
+  ASSERT_EQ(got.size(), want.size());
+  double total = 0, total_exact = 0;
+  for (std::size_t b = 0; b < got.size(); ++b) {
+    EXPECT_NEAR(got[b], want[b], 1e-9 + 1e-4 * want[b]) << "block " << b;
+    total += got[b];
+    total_exact += exact[b];
+  }
+  EXPECT_NE(got, exact);  // the sketch did something
+  EXPECT_NEAR(total, total_exact, 0.5 * total_exact);  // and estimates the same squared norms
+}

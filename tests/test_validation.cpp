@@ -154,6 +154,9 @@ TEST(Validation, BadConfigValues) {
   in.config.query_tail_limit = -1;
   expect_rejected(in, "query tail limit");
   in = Inputs{};
+  in.config.probe_value_dims = 24;  // not a multiple of 16
+  expect_rejected(in, "probe value dims");
+  in = Inputs{};
   in.config.kmeans_iterations = 0;
   expect_rejected(in, "iterations");
 }

@@ -35,6 +35,7 @@ std::vector<std::pair<std::string, std::string>> options_of(const MethodConfig& 
       {"query_tail_limit", std::to_string(config.query_tail_limit)},
       {"probe_queries", std::to_string(config.probe_queries)},
       {"probe_mean", config.probe_mean ? "true" : "false"},
+      {"probe_value_dims", std::to_string(config.probe_value_dims)},
       {"init", config.kmeans_init == KmeansInit::strided ? "strided" : "kmeans++"},
       {"seed", std::to_string(config.seed)},
       {"synchronize", config.synchronize ? "true" : "false"},

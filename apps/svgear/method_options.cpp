@@ -34,6 +34,9 @@ void add_method_options(CLI::App& command, MethodOptions& options, bool with_bud
                      "EAR probe: sampled queries per query cluster (0: only the mean query, with --probe-mean)")
       ->capture_default_str();
   add_probe_mean_flag(command, d.probe_mean);
+  command.add_option("--probe-value-dims", d.probe_value_dims,
+                     "EAR probe: measure errors on values sketched to this many dimensions (0: all)")
+      ->capture_default_str();
   command.add_option("--min-key-fraction", d.min_key_fraction,
                      "SVG2 top-p mode: at least this fraction of key clusters per query cluster")
       ->capture_default_str();

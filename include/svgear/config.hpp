@@ -68,6 +68,11 @@ struct MethodConfig {
   // about even (docs/ALGORITHMS.md, "Which probe rows"). So the default probes with the mean
   // query alone; probe_queries = 4 with probe_mean = false was the default before.
   bool probe_mean = true;
+  // EAR probe: measure the compensation errors on values sketched to this many dimensions (a
+  // fixed +-1/sqrt(k) projection, unbiased for squared norms: a quarter of the probe's value work
+  // at k = D/4); 0, or k >= D: every dimension (the default). A multiple of 16. CPU path only so
+  // far (docs/ALGORITHMS.md, "A sketched probe"); the CUDA path rejects it.
+  int probe_value_dims = 0;
   std::uint64_t seed = 0;
 
   // How the CUDA path returns (no effect on the CPU path). true: it synchronizes the stream once

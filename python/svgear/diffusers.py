@@ -754,9 +754,9 @@ def apply(
         Layers are the transformer blocks in order (HunyuanVideo: double-stream, then single-stream).
     options: passed to `svgear.AttentionRouter` / `svgear.torch.attention` (density,
         clusters_q, clusters_k, kmeans_iters, warm_iters, query_tail_limit, probe_queries,
-        probe_mean, top_p, min_key_fraction, budget_scope, policy, compensation, seed, init) and
-        synchronize (the router's; default False: asynchronous CUDA calls, errors raised by the
-        step hooks).
+        probe_mean, probe_value_dims, top_p, min_key_fraction, budget_scope, policy, compensation,
+        seed, init) and synchronize (the router's; default False: asynchronous CUDA calls, errors
+        raised by the step hooks).
 
     Applying again replaces the previous configuration. Returns the `svgear.AttentionRouter`
     (one `LayerState` per block).

@@ -74,6 +74,7 @@ const std::map<std::string, Setter, std::less<>>& setters() {
       {"query_tail_limit", [](MethodConfig& c, auto key, auto v) { c.query_tail_limit = parse_int(key, v); }},
       {"probe_queries", [](MethodConfig& c, auto key, auto v) { c.probe_queries = parse_int(key, v); }},
       {"probe_mean", [](MethodConfig& c, auto key, auto v) { c.probe_mean = parse_bool(key, v); }},
+      {"probe_value_dims", [](MethodConfig& c, auto key, auto v) { c.probe_value_dims = parse_int(key, v); }},
       {"seed",
        [](MethodConfig& c, auto key, auto v) {
          const long long seed = parse_integer(key, v);
@@ -118,6 +119,7 @@ std::string describe(const MethodConfig& config) {
       {"query_tail_limit", config.query_tail_limit},
       {"probe_queries", config.probe_queries},
       {"probe_mean", config.probe_mean},
+      {"probe_value_dims", config.probe_value_dims},
       {"init", config.kmeans_init == KmeansInit::strided ? "strided" : "kmeans++"},
       {"seed", config.seed},
       {"synchronize", config.synchronize},

@@ -122,6 +122,9 @@ void validate(const MethodConfig& config) {
   require(config.probe_queries >= 1 || config.probe_mean,
           "the EAR probe needs a probe row per query cluster: set probe_queries to at least 1 or turn on "
           "probe_mean");
+  require(config.probe_value_dims >= 0 && config.probe_value_dims <= 4096 && config.probe_value_dims % 16 == 0,
+          "probe value dims must be 0 (every dimension) or a multiple of 16 up to 4096, got " +
+              std::to_string(config.probe_value_dims));
 }
 
 }  // namespace svgear

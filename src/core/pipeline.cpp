@@ -220,7 +220,8 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
         if (config.probe_mean) mean_queries = cpu::probe_queries_from_means(q_clusters.centroids, q.dtype);
         const cpu::ProbeRows rows{config.probe_queries, config.probe_mean ? mean_queries.data() : nullptr};
         stats.compensation_error = cpu::probe_compensation_error(plan.qp.data(), plan.kp.data(), plan.vp.data(), d,
-                                                                 plan.q_layout, plan.k_layout, summary, rows);
+                                                                 plan.q_layout, plan.k_layout, summary, rows,
+                                                                 config.probe_value_dims);
       }
       report.times.score_ms += elapsed_ms(stage);
     }

@@ -18,10 +18,41 @@ std::vector<float> probe_queries_from_means(std::vector<float> means, DType dtyp
   return means;
 }
 
+namespace {
+
+// rows [n][d] -> [n][k]: x -> R x with the value sketch's R.
+std::vector<float> sketch_rows(const float* rows, std::int64_t n, std::int64_t d, int k) {
+  std::vector<float> signs(std::size_t(k) * std::size_t(d));
+  const float unit = float(1.0 / std::sqrt(double(k)));
+  for (int r = 0; r < k; ++r)
+    for (std::int64_t c = 0; c < d; ++c) signs[std::size_t(r * d + c)] = value_sketch_positive(r, c) ? unit : -unit;
+  std::vector<float> out(std::size_t(n) * std::size_t(k));
+#pragma omp parallel for schedule(static)
+  for (std::int64_t i = 0; i < n; ++i) {
+    for (int r = 0; r < k; ++r) out[std::size_t(i * k + r)] = float(dot(&signs[std::size_t(r * d)], rows + i * d, d));
+  }
+  return out;
+}
+
+}  // namespace
+
 std::vector<double> probe_compensation_error(const float* qp, const float* kp, const float* vp,
-                                             std::int64_t d, const ClusterLayout& queries,
+                                             std::int64_t d_all, const ClusterLayout& queries,
                                              const ClusterLayout& keys,
-                                             const KeyClusterSummary& summary, const ProbeRows& rows) {
+                                             const KeyClusterSummary& summary_all, const ProbeRows& rows,
+                                             int value_sketch_dims) {
+  // Keys keep every dimension; values (and their means) may be sketched.
+  const std::int64_t d = d_all;
+  std::vector<float> sketched_values, sketched_means;
+  KeyClusterSummary summary = summary_all;
+  std::int64_t dv = d_all;
+  if (value_sketch_dims > 0 && value_sketch_dims < d_all) {
+    dv = value_sketch_dims;
+    sketched_values = sketch_rows(vp, std::int64_t(keys.order.size()), d_all, value_sketch_dims);
+    sketched_means = sketch_rows(summary_all.value_means, keys.clusters(), d_all, value_sketch_dims);
+    vp = sketched_values.data();
+    summary.value_means = sketched_means.data();
+  }
   const int cq = queries.clusters();
   const int ck = keys.clusters();
   const std::int64_t sk = std::int64_t(keys.order.size());
@@ -33,8 +64,8 @@ std::vector<double> probe_compensation_error(const float* qp, const float* kp, c
     std::vector<double> logits(static_cast<std::size_t>(sk));
     std::vector<double> centroid_logits(static_cast<std::size_t>(ck));
     std::vector<double> block_mass(static_cast<std::size_t>(ck));                        // d_j
-    std::vector<double> block_sum(std::size_t(ck) * std::size_t(d));        // a_j
-    std::vector<double> total_sum(static_cast<std::size_t>(d)), exact(static_cast<std::size_t>(d));
+    std::vector<double> block_sum(std::size_t(ck) * std::size_t(dv));  // a_j
+    std::vector<double> total_sum(static_cast<std::size_t>(dv)), exact(static_cast<std::size_t>(dv));
 #pragma omp for schedule(dynamic, 1)
     for (int i = 0; i < cq; ++i) {
       const std::int64_t size = queries.size(i);
@@ -63,25 +94,25 @@ std::vector<double> probe_compensation_error(const float* qp, const float* kp, c
         double total_mass = 0;
         for (int j = 0; j < ck; ++j) {
           double mass = 0;
-          double* sum = &block_sum[std::size_t(j) * std::size_t(d)];
+          double* sum = &block_sum[std::size_t(j) * std::size_t(dv)];
           for (std::int64_t key = keys.offsets[std::size_t(j)]; key < keys.offsets[std::size_t(j) + 1]; ++key) {
             const double w = std::exp(logits[std::size_t(key)] - row_max);
             mass += w;
-            axpy(sum, w, vp + key * d, d);
+            axpy(sum, w, vp + key * dv, dv);
           }
           block_mass[std::size_t(j)] = mass;
           total_mass += mass;
-          for (std::int64_t t = 0; t < d; ++t) total_sum[std::size_t(t)] += sum[t];
+          for (std::int64_t t = 0; t < dv; ++t) total_sum[std::size_t(t)] += sum[t];
         }
-        for (std::int64_t t = 0; t < d; ++t) exact[std::size_t(t)] = total_sum[std::size_t(t)] / total_mass;
+        for (std::int64_t t = 0; t < dv; ++t) exact[std::size_t(t)] = total_sum[std::size_t(t)] / total_mass;
         for (int j = 0; j < ck; ++j) {
           if (summary.counts[j] == 0) continue;
           const double stand_in_mass = std::exp(centroid_logits[std::size_t(j)] - row_max);
           const double mass = total_mass - block_mass[std::size_t(j)] + stand_in_mass;
-          const double* sum = &block_sum[std::size_t(j) * std::size_t(d)];
-          const float* value_mean = summary.value_means + std::int64_t(j) * d;
+          const double* sum = &block_sum[std::size_t(j) * std::size_t(dv)];
+          const float* value_mean = summary.value_means + std::int64_t(j) * dv;
           double squared = 0;
-          for (std::int64_t t = 0; t < d; ++t) {
+          for (std::int64_t t = 0; t < dv; ++t) {
             const double compensated =
                 (total_sum[std::size_t(t)] - sum[t] + stand_in_mass * double(value_mean[t])) / mass;
             const double diff = compensated - exact[std::size_t(t)];

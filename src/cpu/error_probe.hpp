@@ -34,9 +34,22 @@ std::vector<float> probe_queries_from_means(std::vector<float> means, DType dtyp
 // of ||o_j'(q) - o(q)||^2, where o is q's exact output and o_j' its output with only key cluster
 // j replaced by (n_j, mu_j, vbar_j). Squared errors because the quality metric is the L2 norm
 // of the whole output and errors of different blocks are treated as uncorrelated, so they add.
+//
+// value_sketch_dims > 0 (a multiple of 16 below d): the errors are measured on values sketched to
+// that many dimensions, v -> R v with R[r][c] = +-1/sqrt(k) (value_sketch_sign), an unbiased
+// estimate of the squared norm (E[R^T R] = I) at a fraction of the value work.
 std::vector<double> probe_compensation_error(const float* qp, const float* kp, const float* vp,
                                              std::int64_t d, const ClusterLayout& queries,
                                              const ClusterLayout& keys,
-                                             const KeyClusterSummary& summary, const ProbeRows& rows);
+                                             const KeyClusterSummary& summary, const ProbeRows& rows,
+                                             int value_sketch_dims = 0);
+
+// The sign of the value sketch's entry (r, c), from a fixed hash (the same on every platform).
+inline bool value_sketch_positive(std::int64_t r, std::int64_t c) {
+  std::uint64_t z = std::uint64_t(r) * 0x9E3779B97F4A7C15ull + std::uint64_t(c) + 0x632BE59BD9B4E019ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return ((z ^ (z >> 31)) & 1u) != 0;
+}
 
 }  // namespace svgear::cpu

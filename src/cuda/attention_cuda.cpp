@@ -203,6 +203,11 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
                           const TensorView* lse) {
   if (state != nullptr) cuda::synchronize(*state);  // an earlier asynchronous call's error comes first
   validate_attention_inputs(q, k, v, out, config, lse);
+  if (config.probe_value_dims > 0 && config.probe_value_dims < q.head_dim() &&
+      config.policy == SelectionPolicyKind::error_aware) {
+    throw Error("probe_value_dims = " + std::to_string(config.probe_value_dims) +
+                " (a sketched EAR probe) is on the CPU path only so far: set it to 0 for CUDA tensors");
+  }
   // A plan export reads the plan back, so it synchronizes whatever the config says.
   const bool synchronous = config.synchronize || plan != nullptr;
   if (!synchronous && state == nullptr) {

@@ -252,6 +252,14 @@ TEST(GpuPipeline, RejectsWhatTheCudaPathCannotTake) {
   TensorView strided = gpu.view[0];
   strided.strides[3] = 2;
   expect_error(strided, "last axis");
+  MethodConfig sketched = preset(Method::ear);  // the sketched probe is CPU-only so far
+  sketched.probe_value_dims = 16;
+  try {
+    attention(gpu.view[0], gpu.view[1], gpu.view[2], gpu.view[3], sketched);
+    ADD_FAILURE() << "no error for probe_value_dims on CUDA tensors";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("CPU path only"), std::string::npos) << e.what();
+  }
 }
 
 TEST(GpuPipeline, NonFiniteInputIsReported) {
