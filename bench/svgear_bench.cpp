@@ -130,6 +130,7 @@ int main(int argc, char** argv) {
   int clusters_q = 256, clusters_k = 1024, repeats = 10, probes = library_defaults.probe_queries;
   int warm_iterations = library_defaults.kmeans_warm_iterations;
   int query_tail_limit = library_defaults.query_tail_limit;
+  int probe_value_dims = library_defaults.probe_value_dims;
   bool probe_mean = library_defaults.probe_mean;
   std::string dump;
   cli::add_workload_options(app, shape, "");
@@ -146,6 +147,9 @@ int main(int argc, char** argv) {
                  "their second-nearest clusters (0: off)")
       ->capture_default_str()
       ->check(CLI::Range(0, 32));
+  app.add_option("--probe-value-dims", probe_value_dims,
+                 "EAR probe: values sketched to this many dimensions (32 on CUDA; 0: all)")
+      ->capture_default_str();
   app.add_option("--repeats", repeats)->capture_default_str();
   app.add_option("--dump", dump, "Folder for q/k/v, the EAR selection and result.json")->required();
   CLI11_PARSE(app, argc, argv);
@@ -179,6 +183,7 @@ int main(int argc, char** argv) {
       c->probe_mean = probe_mean;
       c->kmeans_warm_iterations = warm_iterations;
       c->query_tail_limit = query_tail_limit;
+      c->probe_value_dims = probe_value_dims;
     }
     std::printf("timing dense, EAR, SVG2 (%d repeats each)\n", repeats);
     std::fflush(stdout);
@@ -193,6 +198,7 @@ int main(int argc, char** argv) {
     result["clusters_k"] = clusters_k;
     result["warm_iterations"] = warm_iterations;
     result["query_tail_limit"] = query_tail_limit;
+    result["probe_value_dims"] = probe_value_dims;
     result["density"] = ear_timing.density;
     result["ear_plan"] = plan_statistics(plan, true);
     result["svg2_density"] = svg2_timing.density;

@@ -70,8 +70,8 @@ struct MethodConfig {
   bool probe_mean = true;
   // EAR probe: measure the compensation errors on values sketched to this many dimensions (a
   // fixed +-1/sqrt(k) projection, unbiased for squared norms: a quarter of the probe's value work
-  // at k = D/4); 0, or k >= D: every dimension (the default). A multiple of 16. CPU path only so
-  // far (docs/ALGORITHMS.md, "A sketched probe"); the CUDA path rejects it.
+  // at k = D/4); 0, or k >= D: every dimension (the default). A multiple of 16; the CUDA path
+  // takes 32 only (docs/ALGORITHMS.md, "A sketched probe").
   int probe_value_dims = 0;
   std::uint64_t seed = 0;
 

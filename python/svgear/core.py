@@ -306,7 +306,7 @@ def attention(q, k, v, *, method="ear", density=None, layout="bshd", state=None,
     method: "ear" (SVG-EAR), "svg2" or "dense". density: fraction of query-key pairs computed
     exactly (default: the method's, 0.2; dense: 1). state: a svgear.LayerState carried across
     steps. options: clusters_q, clusters_k, kmeans_iters, warm_iters, query_tail_limit,
-    probe_queries, probe_mean, probe_value_dims (CPU only so far), top_p, min_key_fraction,
+    probe_queries, probe_mean, probe_value_dims (CUDA: 32 only), top_p, min_key_fraction,
     budget_scope, policy, compensation, init, seed (see `svgear eval --help`), and
     synchronize: False makes a CUDA call return without
     waiting for the GPU (needs `state`, whose next call or state.synchronize() raises a NaN/Inf

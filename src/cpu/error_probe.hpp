@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "core/blocks.hpp"
+#include "core/value_sketch.hpp"
 #include "cpu/block_sparse_attention.hpp"
 #include "cpu/permutation.hpp"
 #include "svgear/dtype.hpp"
@@ -44,12 +45,6 @@ std::vector<double> probe_compensation_error(const float* qp, const float* kp, c
                                              const KeyClusterSummary& summary, const ProbeRows& rows,
                                              int value_sketch_dims = 0);
 
-// The sign of the value sketch's entry (r, c), from a fixed hash (the same on every platform).
-inline bool value_sketch_positive(std::int64_t r, std::int64_t c) {
-  std::uint64_t z = std::uint64_t(r) * 0x9E3779B97F4A7C15ull + std::uint64_t(c) + 0x632BE59BD9B4E019ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return ((z ^ (z >> 31)) & 1u) != 0;
-}
+using svgear::value_sketch_positive;  // the sketch's signs (core/value_sketch.hpp)
 
 }  // namespace svgear::cpu

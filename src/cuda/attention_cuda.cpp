@@ -10,6 +10,7 @@
 #include <string>
 
 #include "core/validation.hpp"
+#include "core/value_sketch.hpp"
 #include "cuda/cuda_check.hpp"
 #include "cuda/deferred_check.hpp"
 #include "cuda/device_buffer.hpp"
@@ -204,9 +205,9 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
   if (state != nullptr) cuda::synchronize(*state);  // an earlier asynchronous call's error comes first
   validate_attention_inputs(q, k, v, out, config, lse);
   if (config.probe_value_dims > 0 && config.probe_value_dims < q.head_dim() &&
-      config.policy == SelectionPolicyKind::error_aware) {
-    throw Error("probe_value_dims = " + std::to_string(config.probe_value_dims) +
-                " (a sketched EAR probe) is on the CPU path only so far: set it to 0 for CUDA tensors");
+      config.probe_value_dims != kCudaValueSketchDims && config.policy == SelectionPolicyKind::error_aware) {
+    throw Error("probe_value_dims = " + std::to_string(config.probe_value_dims) + ": the CUDA probe sketches values to " +
+                std::to_string(kCudaValueSketchDims) + " dimensions only (or 0 for all of them)");
   }
   // A plan export reads the plan back, so it synchronizes whatever the config says.
   const bool synchronous = config.synchronize || plan != nullptr;
@@ -329,7 +330,7 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
     }
     if (config.policy == SelectionPolicyKind::error_aware) {
       probe_compensation_error(qh, kh, vh, q_layout, k_layout, summary, config.probe_queries, config.probe_mean,
-                               scores.get(), stream);
+                               scores.get(), stream, config.probe_value_dims);
     } else {
       centroid_criticality(cache->q, key_means, k_counts.get(), bh, cq, ck, d, scores.get(), stream);
     }

@@ -29,6 +29,7 @@
 #include "cuda/probe_cluster_sweep.cuh"
 #include "cuda/probe_common.cuh"
 #include "cuda/probe_exact_sweep.cuh"
+#include "core/value_sketch.hpp"
 
 namespace svgear::cuda {
 
@@ -234,6 +235,78 @@ void validate_probe_inputs(const DeviceHeads& q, const DeviceHeads& k, const Dev
   }
 }
 
+// The probe's values sketched to Dv columns: out[bh][p] = 2^-shift * S x for every row x of the
+// scaled fp16 copy [BH][Sk][D] (S in {+1, -1}^{Dv x D}, core/value_sketch.hpp), one m16n8k16
+// product per 16 rows and 8 columns per warp, fp32 sums. |S x| <= D * 2^15 and shift = log2 D
+// keep the result in fp16's range.
+template <int D, int Dv>
+__global__ void __launch_bounds__(256)
+    sketch_values_kernel(const __half* values, std::int64_t rows_total, int shift, __half* out) {
+  static_assert(D % 16 == 0 && Dv % 8 == 0, "whole MMA tiles");
+  constexpr int kSteps = D / 16, kTiles = Dv / 8;
+  const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  // B[k][n] = S[n][k]: this lane's fragments, the same for every row block.
+  auto sign_pair = [](int n, int k) {
+    const unsigned low = value_sketch_positive(n, k) ? 0x3C00u : 0xBC00u;  // fp16 +-1
+    const unsigned high = value_sketch_positive(n, k + 1) ? 0x3C00u : 0xBC00u;
+    return std::uint32_t(low | (high << 16));
+  };
+  // Every lane's fragments in shared memory (8 KB at D = 128, Dv = 32), computed once per CTA:
+  // held in registers they took 64 of them and spilled.
+  __shared__ uint2 b[kSteps][kTiles][32];
+  if (threadIdx.x < 32) {
+    for (int ks = 0; ks < kSteps; ++ks) {
+      for (int nt = 0; nt < kTiles; ++nt) {
+        b[ks][nt][lane] = make_uint2(sign_pair(nt * 8 + g, ks * 16 + 2 * q), sign_pair(nt * 8 + g, ks * 16 + 2 * q + 8));
+      }
+    }
+  }
+  __syncthreads();
+  const float unit = ldexpf(1.0f, -shift);
+  const std::int64_t warps = std::int64_t(gridDim.x) * (blockDim.x / 32);
+  for (std::int64_t block = (blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x) / 32; block * 16 < rows_total;
+       block += warps) {
+    const std::int64_t row_low = block * 16 + g, row_high = row_low + 8;
+    auto pair_at = [&](std::int64_t row, int column) -> std::uint32_t {
+      return row < rows_total ? *reinterpret_cast<const std::uint32_t*>(values + row * D + column) : 0u;
+    };
+    float c[kTiles][4] = {};
+#pragma unroll
+    for (int ks = 0; ks < kSteps; ++ks) {
+      const std::uint32_t a[4] = {pair_at(row_low, ks * 16 + 2 * q), pair_at(row_high, ks * 16 + 2 * q),
+                                  pair_at(row_low, ks * 16 + 2 * q + 8), pair_at(row_high, ks * 16 + 2 * q + 8)};
+#pragma unroll
+      for (int nt = 0; nt < kTiles; ++nt) {
+        const uint2 fragment = b[ks][nt][lane];
+        sm80::mma_m16n8k16<__half>(c[nt], a, fragment.x, fragment.y);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < kTiles; ++nt) {
+      const int column = nt * 8 + 2 * q;
+      if (row_low < rows_total) {
+        *reinterpret_cast<__half2*>(out + row_low * Dv + column) = __floats2half2_rn(c[nt][0] * unit, c[nt][1] * unit);
+      }
+      if (row_high < rows_total) {
+        *reinterpret_cast<__half2*>(out + row_high * Dv + column) = __floats2half2_rn(c[nt][2] * unit, c[nt][3] * unit);
+      }
+    }
+  }
+}
+
+// means [BH * Ck][D] -> out [BH * Ck][Dv]: S vbar in float (v's units, unscaled).
+template <int D, int Dv>
+__global__ void sketch_means_kernel(const float* means, std::int64_t clusters_total, float* out) {
+  for_each_index(clusters_total * Dv, [&](std::int64_t i) {
+    const std::int64_t cluster = i / Dv;
+    const int r = int(i % Dv);
+    const float* mean = means + cluster * D;
+    float sum = 0.0f;
+    for (int c = 0; c < D; ++c) sum += value_sketch_positive(r, c) ? mean[c] : -mean[c];
+    out[i] = sum;
+  });
+}
+
 // How many chunks to split the keys into: among counts giving between 2 and 8 waves of `slots`
 // resident CTAs, the smallest whose last wave is at least ~94% full (else the fullest), capped
 // by how many pieces the keys have.
@@ -271,10 +344,12 @@ void allow_shared_memory(Kernel kernel, std::size_t smem, const char* what) {
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), what);
 }
 
-template <class E, int D>
+// Dv: the values' width in the sweeps, D or the sketch's kCudaValueSketchDims.
+template <class E, int D, int Dv>
 void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v, const DeviceLayout& queries,
                const DeviceLayout& keys, const DeviceKeySummary& summary, int probes, bool mean_row, float* error,
                cudaStream_t s) {
+  constexpr bool kSketch = Dv < D;
   const std::int64_t heads_total = q.count();
   const int cq = queries.clusters, ck = keys.clusters;
   // Sampled rows are distinct tokens (at most Sq of them); a mean row is one more per cluster.
@@ -282,15 +357,16 @@ void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
   const int row_blocks = int((capacity + probe::kRows - 1) / probe::kRows);
   const std::int64_t key_tiles = (k.tokens + probe::kKeys - 1) / probe::kKeys;
 
-  constexpr std::size_t exact_smem = sizeof(probe::ExactSweepShared<E, D>);
-  constexpr std::size_t cluster_smem = sizeof(probe::ClusterSweepShared<E, D>);
-  allow_shared_memory(probe::exact_sweep_kernel<E, D>, exact_smem, "cudaFuncSetAttribute (exact_sweep_kernel)");
-  allow_shared_memory(probe::cluster_sweep_kernel<E, D>, cluster_smem, "cudaFuncSetAttribute (cluster_sweep_kernel)");
+  constexpr std::size_t exact_smem = sizeof(probe::ExactSweepShared<E, D, Dv>);
+  constexpr std::size_t cluster_smem = sizeof(probe::ClusterSweepShared<E, D, Dv>);
+  allow_shared_memory(probe::exact_sweep_kernel<E, D, Dv>, exact_smem, "cudaFuncSetAttribute (exact_sweep_kernel)");
+  allow_shared_memory(probe::cluster_sweep_kernel<E, D, Dv>, cluster_smem,
+                      "cudaFuncSetAttribute (cluster_sweep_kernel)");
   const std::int64_t units = heads_total * row_blocks;
   const int exact_chunks =
-      chunks_for_waves(units, resident_ctas(probe::exact_sweep_kernel<E, D>, exact_smem), key_tiles);
+      chunks_for_waves(units, resident_ctas(probe::exact_sweep_kernel<E, D, Dv>, exact_smem), key_tiles);
   const int cluster_chunks =
-      chunks_for_waves(units, resident_ctas(probe::cluster_sweep_kernel<E, D>, cluster_smem), ck);
+      chunks_for_waves(units, resident_ctas(probe::cluster_sweep_kernel<E, D, Dv>, cluster_smem), ck);
   if (std::int64_t(row_blocks) * std::max(exact_chunks, cluster_chunks) > std::int64_t(INT32_MAX)) {
     throw Error("probe_compensation_error: " + std::to_string(capacity) +
                 " probe rows per head are too many for one launch");
@@ -339,11 +415,28 @@ void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
     check_launch("scaled_values_kernel");
     values = own_values.get();
   }
+  // Sketched: the copy's rows and the value means through S (the copy's scale lowered by log2 D).
+  int value_shift = 0;
+  while (kSketch && (1 << value_shift) < D) ++value_shift;
+  DeviceBuffer<__half> sketched_values(kSketch ? std::size_t(heads_total * k.tokens * Dv) : 0, s);
+  DeviceBuffer<float> sketched_means(kSketch ? std::size_t(heads_total * ck * Dv) : 0, s);
+  const float* value_means = summary.value_means;
+  if constexpr (kSketch) {
+    const std::int64_t rows_total = heads_total * k.tokens;
+    sketch_values_kernel<D, Dv><<<grid_for((rows_total + 15) / 16 * 32, 256), 256, 0, s>>>(
+        values, rows_total, value_shift, sketched_values.get());
+    check_launch("sketch_values_kernel");
+    sketch_means_kernel<D, Dv><<<grid_for(heads_total * ck * Dv, 256), 256, 0, s>>>(
+        summary.value_means, heads_total * ck, sketched_means.get());
+    check_launch("sketch_means_kernel");
+    values = sketched_values.get();
+    value_means = sketched_means.get();
+  }
   PackedCentroids<E, D> means(heads_total, ck, 2, s);
   means.pack(summary.key_means);
 
-  DeviceBuffer<float> part_state(std::size_t(heads_total * exact_chunks * capacity * (2 + D)), s);
-  DeviceBuffer<float> row_state(std::size_t(heads_total * capacity * (2 + D)), s);
+  DeviceBuffer<float> part_state(std::size_t(heads_total * exact_chunks * capacity * (2 + Dv)), s);
+  DeviceBuffer<float> row_state(std::size_t(heads_total * capacity * (2 + Dv)), s);
   Args<E> a{};
   a.q = probe_q;
   a.k = k.tensor;
@@ -353,6 +446,8 @@ void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
   a.k_aligned = rows_aligned_16(k);
   a.values = values;
   a.value_abs_max = value_abs_max;
+  a.value_shift = value_shift;
+  a.error_unit = kSketch ? 1.0f / float(Dv) : 1.0f;
   a.q_offsets = queries.offsets;
   a.k_order = keys.order;
   a.k_offsets = keys.offsets;
@@ -379,16 +474,16 @@ void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
   a.mean_hi = means.hi();
   a.mean_lo = means.lo();
   a.padded_clusters = means.padded();
-  a.value_means = summary.value_means;
+  a.value_means = value_means;
   a.key_counts = summary.counts;
   a.error = error;
 
-  probe::exact_sweep_kernel<E, D>
+  probe::exact_sweep_kernel<E, D, Dv>
       <<<dim3(unsigned(row_blocks * exact_chunks), unsigned(heads_total)), probe::kThreads, exact_smem, s>>>(a);
   check_launch("exact_sweep_kernel");
-  probe::combine_exact_chunks_kernel<E, D><<<grid_for(rows * 32, 256), 256, 0, s>>>(a, heads_total);
+  probe::combine_exact_chunks_kernel<E, Dv><<<grid_for(rows * 32, 256), 256, 0, s>>>(a, heads_total);
   check_launch("combine_exact_chunks_kernel");
-  probe::cluster_sweep_kernel<E, D>
+  probe::cluster_sweep_kernel<E, D, Dv>
       <<<dim3(unsigned(row_blocks * cluster_chunks), unsigned(heads_total)), probe::kThreads, cluster_smem, s>>>(a);
   check_launch("cluster_sweep_kernel");
 }
@@ -397,14 +492,25 @@ void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
 
 void probe_compensation_error(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
                               const DeviceLayout& queries, const DeviceLayout& keys, const DeviceKeySummary& summary,
-                              int probes_per_cluster, bool mean_row, float* error, void* stream) {
+                              int probes_per_cluster, bool mean_row, float* error, void* stream,
+                              int value_sketch_dims) {
   validate_probe_inputs(q, k, v, queries, keys, summary, probes_per_cluster, mean_row, error);
+  const bool sketch = value_sketch_dims > 0 && value_sketch_dims < q.head_dim;
+  if (sketch && value_sketch_dims != kCudaValueSketchDims) {
+    throw Error("probe_compensation_error: the CUDA probe sketches values to " +
+                std::to_string(kCudaValueSketchDims) + " dimensions only, got " + std::to_string(value_sketch_dims));
+  }
   const cudaStream_t s = as_stream(stream);
   zero_async(error, std::size_t(q.count()) * std::size_t(queries.clusters) * std::size_t(keys.clusters), s,
              "cudaMemsetAsync (probe error)");
   dispatch_element_and_dim(q.dtype, q.head_dim, [&](auto element, auto dim) {
-    run_probe<decltype(element), decltype(dim)::value>(q, k, v, queries, keys, summary, probes_per_cluster, mean_row,
-                                                        error, s);
+    using E = decltype(element);
+    constexpr int D = decltype(dim)::value;
+    if (sketch) {
+      run_probe<E, D, kCudaValueSketchDims>(q, k, v, queries, keys, summary, probes_per_cluster, mean_row, error, s);
+    } else {
+      run_probe<E, D, D>(q, k, v, queries, keys, summary, probes_per_cluster, mean_row, error, s);
+    }
   });
 }
 

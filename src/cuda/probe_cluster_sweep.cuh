@@ -19,32 +19,33 @@
 
 namespace svgear::cuda::detail::probe {
 
-template <class E, int D>
+// Dv: the values' width (D, or the sketch's k).
+template <class E, int D, int Dv>
 struct alignas(16) ClusterBatch {
-  float value_means[kBatch][D];
+  float value_means[kBatch][Dv];
   E mean_hi[kBatch][kTileStride<D>];
   E mean_lo[kBatch][kTileStride<D>];
   std::int32_t offsets[kBatch + 4];  // kBatch + 1 used: cluster first + i starts at offsets[i]
   std::int32_t counts[kBatch];
 };
 
-template <class E, int D>
+template <class E, int D, int Dv>
 struct alignas(16) ClusterSweepShared {
   E q[kRows][kTileStride<D>];
   E k[2][kKeys][kTileStride<D>];
-  __half v[2][kKeys][kTileStride<D>];
+  __half v[2][kKeys][kTileStride<Dv>];
   // o of the thread's fragment elements, thread-private: [warp][row block][d tile][lane] holds
   // (row g, cols 2q, 2q + 1), (row g + 8, same cols) of the C layout.
-  float4 output[kWarps][kRowBlocks][D / 8][32];
+  float4 output[kWarps][kRowBlocks][Dv / 8][32];
   float2 denominator[kWarps][kRowBlocks][32];  // M of the thread's rows g, g + 8 (also thread-private)
-  ClusterBatch<E, D> batch[2];
+  ClusterBatch<E, D, Dv> batch[2];
   float logits[kRows][kBatch + 1];  // log2 of the stand-in mass before - m; +1: no bank conflicts
   float errors[kRows][kBatch + 1];  // per probe row, until summed over its query cluster
   std::int32_t row_cluster[kRows];
   float row_weight[kRows];
 };
 
-static_assert(sizeof(ClusterSweepShared<__nv_bfloat16, 128>) <= 227 * 1024,
+static_assert(sizeof(ClusterSweepShared<__nv_bfloat16, 128, 128>) <= 227 * 1024,
               "the cluster sweep must fit an H100's 227 KB");
 
 // c = a * b (kOverwrite) or c += a * b for fp16 operands.
@@ -58,13 +59,13 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], const std::uint32_t (&a)[
   }
 }
 
-// 222 KB of shared memory at D = 128: one CTA per SM.
-template <class E, int D>
+// 222 KB of shared memory at D = Dv = 128: one CTA per SM.
+template <class E, int D, int Dv>
 __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E> a) {
-  constexpr int kDTiles = D / 8;
+  constexpr int kDTiles = Dv / 8;
   constexpr std::uint32_t kOnes = 0x3C003C00u;  // fp16 (1, 1)
   extern __shared__ __align__(16) unsigned char smem[];
-  auto& sh = *reinterpret_cast<ClusterSweepShared<E, D>*>(smem);
+  auto& sh = *reinterpret_cast<ClusterSweepShared<E, D, Dv>*>(smem);
 
   const std::int64_t bh = blockIdx.y;
   const int row_block = int(blockIdx.x) % a.row_blocks, chunk = int(blockIdx.x) / a.row_blocks;
@@ -77,7 +78,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
   if (j_begin >= j_end) return;
   const std::int32_t* k_offsets = a.k_offsets + bh * (ck + 1);
   const int p_begin = k_offsets[j_begin], p_end = k_offsets[j_end];  // positions < 2^31
-  const int exponent = value_exponent(a.value_abs_max[bh]);
+  const int exponent = values_exponent(a, bh);
   const float value_scale = ldexpf(1.0f, exponent), value_unscale = ldexpf(1.0f, -exponent);
 
   for (int r = threadIdx.x; r < kRows; r += kThreads) {
@@ -96,13 +97,13 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
 
   const HeadRows<E> k_rows = head_rows<E>(a.k, a.heads, bh);
   const std::int32_t* k_order = a.k_order + bh * a.sk;
-  const __half* values = a.values + bh * a.sk * D;
+  const __half* values = a.values + bh * a.sk * Dv;
   auto load_batch = [&](int buffer, int first_cluster) {
-    ClusterBatch<E, D>& b = sh.batch[buffer];
-    constexpr int kMeanChunks = D / 4;  // 16-byte chunks of an fp32 row
+    ClusterBatch<E, D, Dv>& b = sh.batch[buffer];
+    constexpr int kMeanChunks = Dv / 4;  // 16-byte chunks of an fp32 row
     for (int idx = threadIdx.x; idx < kBatch * kMeanChunks; idx += kThreads) {
       const int r = idx / kMeanChunks, c = idx % kMeanChunks, j = first_cluster + r;
-      const float* src = a.value_means + ((bh * ck + (j < ck ? j : 0)) * D + c * 4);
+      const float* src = a.value_means + ((bh * ck + (j < ck ? j : 0)) * Dv + c * 4);
       sm80::cp_async_16(sm80::shared_address(&b.value_means[r][c * 4]), src, j < ck);
     }
     constexpr int kTermChunks = D / 8;
@@ -128,7 +129,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
   TileTokens tokens;  // of the next tile to load
   tokens.load(k_order, p_begin, p_end, lane);
   load_probe_rows<E, D>(&sh.q[0][0], a, bh, row0, rows_in_head);
-  load_key_tile<E, D>(&sh.k[0][0][0], &sh.v[0][0][0], k_rows, a.k_aligned, tokens, values, p_begin, p_end);
+  load_key_tile<E, D, Dv>(&sh.k[0][0][0], &sh.v[0][0][0], k_rows, a.k_aligned, tokens, values, p_begin, p_end);
   tokens.load(k_order, std::int64_t(p_begin) + kKeys, p_end, lane);
   load_batch(0, batch_first);
   if (batch_first + kBatch < j_end) load_batch(1, batch_first + kBatch);
@@ -158,7 +159,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
       for (int h = 0; h < 2; ++h) {
         part[h] =
             valid[h]
-                ? *reinterpret_cast<const float2*>(a.row_output + (bh * a.row_capacity + row[h]) * D + nt * 8 + 2 * q)
+                ? *reinterpret_cast<const float2*>(a.row_output + (bh * a.row_capacity + row[h]) * Dv + nt * 8 + 2 * q)
                 : make_float2(0.0f, 0.0f);
       }
       sh.output[warp][m][nt][lane] = make_float4(part[0].x, part[0].y, part[1].x, part[1].y);
@@ -172,7 +173,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
 
   // log2 s_j + m of the batch's clusters for the warp's rows: q . mu_j with mu = hi + lo.
   auto stand_in_logits = [&](int buf) {
-    const ClusterBatch<E, D>& b = sh.batch[buf];
+    const ClusterBatch<E, D, Dv>& b = sh.batch[buf];
     float dot[kRowBlocks][kBatch / 8][4] = {};
     warp_mma_abt_held<E, D, kBatch>(dot[0], q_fragments, &b.mean_hi[0][0], lane);
     warp_mma_abt_held<E, D, kBatch>(dot[0], q_fragments, &b.mean_lo[0][0], lane);
@@ -226,9 +227,9 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
   auto accumulate_slice = [&](const std::uint32_t(&pm)[kRowBlocks][4], const __half* v_tile, int ks, auto overwrite) {
     constexpr bool kOverwrite = decltype(overwrite)::value;
 #pragma unroll
-    for (int d0 = 0; d0 < D; d0 += 16) {
+    for (int d0 = 0; d0 < Dv; d0 += 16) {
       std::uint32_t b[4];
-      sm80::ldmatrix_x4_trans(b, bt_fragment<__half, D>(v_tile, ks * 16, d0, lane));
+      sm80::ldmatrix_x4_trans(b, bt_fragment<__half, Dv>(v_tile, ks * 16, d0, lane));
 #pragma unroll
       for (int m = 0; m < kRowBlocks; ++m) {
         mma_f16<kOverwrite>(acc[m][d0 / 8], pm[m], b[0], b[1]);
@@ -276,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
         for (int nt = 0; nt < kDTiles; ++nt) acc[m][nt][0] = acc[m][nt][1] = acc[m][nt][2] = acc[m][nt][3] = 0.0f;
       }
     }
-    const ClusterBatch<E, D>& b = sh.batch[buf];
+    const ClusterBatch<E, D, Dv>& b = sh.batch[buf];
     float stand_in[kRowBlocks][2], delta[kRowBlocks][2], squared[kRowBlocks][2];
 #pragma unroll
     for (int m = 0; m < kRowBlocks; ++m) {
@@ -332,7 +333,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
         total += sh.errors[rr][jj];
         sh.errors[rr][jj] = 0.0f;
       }
-      const float value = total * sh.row_weight[r] * value_unscale * value_unscale;
+      const float value = total * sh.row_weight[r] * value_unscale * value_unscale * a.error_unit;
       if (value != 0.0f) atomicAdd(&a.error[(bh * a.query_clusters + cluster) * std::int64_t(ck) + j], value);
     }
   };
@@ -342,7 +343,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
   for (int t = 0; t < tiles; ++t) {
     const int stage = t & 1;
     if (t + 1 < tiles) {
-      load_key_tile<E, D>(&sh.k[stage ^ 1][0][0], &sh.v[stage ^ 1][0][0], k_rows, a.k_aligned, tokens, values,
+      load_key_tile<E, D, Dv>(&sh.k[stage ^ 1][0][0], &sh.v[stage ^ 1][0][0], k_rows, a.k_aligned, tokens, values,
                           std::int64_t(p_begin) + std::int64_t(t + 1) * kKeys, p_end);
       tokens.load(k_order, std::int64_t(p_begin) + std::int64_t(t + 2) * kKeys, p_end, lane);
     }

@@ -30,9 +30,12 @@ struct Args {
   int heads;
   std::int64_t sk;
   bool q_aligned, k_aligned;
-  // v in key-cluster order (row p = v[k_order[p]]), times 2^value_exponent, as fp16: [BH][Sk][D].
+  // v in key-cluster order (row p = v[k_order[p]]), times 2^(value_exponent - value_shift), as
+  // fp16: [BH][Sk][Dv]; with the value sketch (Dv < D) the rows are S v (core/value_sketch.hpp).
   const __half* values;
   const unsigned* value_abs_max;  // [BH]: bit pattern of max |v| (non-negative floats order as unsigned)
+  int value_shift;                // 0, or log2(D) for sketched rows (|S v| <= D max |v|)
+  float error_unit;               // 1, or 1/k for sketched rows (R = S / sqrt(k))
   const std::int32_t* q_offsets;  // [BH][Cq + 1]
   const std::int32_t* k_order;    // [BH][Sk]
   const std::int32_t* k_offsets;  // [BH][Ck + 1]
@@ -51,10 +54,10 @@ struct Args {
   int exact_chunks;
   float* part_max;          // [BH][exact_chunks][row_capacity], log2 units
   float* part_denominator;  // [BH][exact_chunks][row_capacity]
-  float* part_output;       // [BH][exact_chunks][row_capacity][D], unnormalised
+  float* part_output;       // [BH][exact_chunks][row_capacity][Dv], unnormalised
   float* row_max;           // [BH][row_capacity]: m, log2 units
   float* row_denominator;   // [BH][row_capacity]: M = sum exp2(l - m)
-  float* row_output;        // [BH][row_capacity][D]: o, in the scaled value units
+  float* row_output;        // [BH][row_capacity][Dv]: o, in the scaled value units
 
   // Sweep 2: chunk c of head bh owns key clusters [chunk_clusters[c], chunk_clusters[c + 1]).
   int cluster_chunks;
@@ -62,7 +65,7 @@ struct Args {
   const E* mean_hi;                    // [BH][padded][D]: key means, hi + lo 16-bit terms
   const E* mean_lo;
   int padded_clusters;
-  const float* value_means;        // [BH][Ck][D]
+  const float* value_means;        // [BH][Ck][Dv] (sketched: S vbar)
   const std::int32_t* key_counts;  // [BH][Ck]
   float* error;                    // [BH][Cq][Ck], zeroed
 };
@@ -88,15 +91,21 @@ struct TileTokens {
 };
 
 // The key rows of positions [first, first + kKeys) (their tokens: `tokens`, loaded for this
-// `first`) and their fp16 values (contiguous); positions at or past `end` load as zero rows.
-// The caller commits.
-template <class E, int D>
+// `first`) and their fp16 values (contiguous, Dv wide); positions at or past `end` load as zero
+// rows. The caller commits.
+template <class E, int D, int Dv>
 __device__ __forceinline__ void load_key_tile(E* k_tile, __half* v_tile, const HeadRows<E>& k_rows, bool k_aligned,
                                               const TileTokens& tokens, const __half* values, std::int64_t first,
                                               std::int64_t end) {
   load_rows<E, D, kKeys, kThreads>(k_tile, k_rows, k_aligned, [&](int r) { return tokens.of(r); });
-  load_rows<__half, D, kKeys, kThreads>(v_tile, HeadRows<__half>{values, D}, true,
-                                        [&](int r) -> std::int64_t { return first + r < end ? first + r : -1; });
+  load_rows<__half, Dv, kKeys, kThreads>(v_tile, HeadRows<__half>{values, Dv}, true,
+                                         [&](int r) -> std::int64_t { return first + r < end ? first + r : -1; });
+}
+
+// The scale of the values copy: 2^(e - shift) with e from the head's max |v| (scaled_values.cuh).
+template <class E>
+__device__ __forceinline__ int values_exponent(const Args<E>& a, std::int64_t bh) {
+  return value_exponent(a.value_abs_max[bh]) - a.value_shift;
 }
 
 // The CTA's probe rows of Q (gathered through row_token; zero rows past the head's count).

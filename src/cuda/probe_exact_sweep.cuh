@@ -10,23 +10,24 @@
 
 namespace svgear::cuda::detail::probe {
 
-template <class E, int D>
+// Dv: the values' width (D, or the sketch's k).
+template <class E, int D, int Dv>
 struct alignas(16) ExactSweepShared {
   E q[kRows][kTileStride<D>];
   E k[2][kKeys][kTileStride<D>];
-  __half v[2][kKeys][kTileStride<D>];
+  __half v[2][kKeys][kTileStride<Dv>];
 };
 
-static_assert(2 * sizeof(ExactSweepShared<__nv_bfloat16, 128>) <= 227 * 1024, "two exact-sweep CTAs per SM");
+static_assert(2 * sizeof(ExactSweepShared<__nv_bfloat16, 128, 128>) <= 227 * 1024, "two exact-sweep CTAs per SM");
 
 // Two CTAs per SM (102 KB of shared memory each at D = 128): one's tile loads and softmax
 // overlap the other's MMAs.
-template <class E, int D>
+template <class E, int D, int Dv>
 __global__ void __launch_bounds__(kThreads, 2) exact_sweep_kernel(const Args<E> a) {
-  constexpr int kDTiles = D / 8;
+  constexpr int kDTiles = Dv / 8;
   constexpr int kHalf = kKeys / 2;
   extern __shared__ __align__(16) unsigned char smem[];
-  auto& sh = *reinterpret_cast<ExactSweepShared<E, D>*>(smem);
+  auto& sh = *reinterpret_cast<ExactSweepShared<E, D, Dv>*>(smem);
 
   const std::int64_t bh = blockIdx.y;
   const int row_block = int(blockIdx.x) % a.row_blocks, chunk = int(blockIdx.x) / a.row_blocks;
@@ -38,12 +39,12 @@ __global__ void __launch_bounds__(kThreads, 2) exact_sweep_kernel(const Args<E> 
 
   const HeadRows<E> k_rows = head_rows<E>(a.k, a.heads, bh);
   const std::int32_t* k_order = a.k_order + bh * a.sk;
-  const __half* values = a.values + bh * a.sk * D;
+  const __half* values = a.values + bh * a.sk * Dv;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   TileTokens tokens;  // of the next tile to load
   tokens.load(k_order, tile_begin * kKeys, a.sk, lane);
   load_probe_rows<E, D>(&sh.q[0][0], a, bh, row0, rows_in_head);
-  load_key_tile<E, D>(&sh.k[0][0][0], &sh.v[0][0][0], k_rows, a.k_aligned, tokens, values, tile_begin * kKeys, a.sk);
+  load_key_tile<E, D, Dv>(&sh.k[0][0][0], &sh.v[0][0][0], k_rows, a.k_aligned, tokens, values, tile_begin * kKeys, a.sk);
   sm80::cp_async_commit();
   tokens.load(k_order, (tile_begin + 1) * kKeys, a.sk, lane);
 
@@ -60,7 +61,7 @@ __global__ void __launch_bounds__(kThreads, 2) exact_sweep_kernel(const Args<E> 
   for (std::int64_t t = tile_begin; t < tile_end; ++t) {
     const int stage = int(t - tile_begin) & 1;
     if (t + 1 < tile_end) {
-      load_key_tile<E, D>(&sh.k[stage ^ 1][0][0], &sh.v[stage ^ 1][0][0], k_rows, a.k_aligned, tokens, values,
+      load_key_tile<E, D, Dv>(&sh.k[stage ^ 1][0][0], &sh.v[stage ^ 1][0][0], k_rows, a.k_aligned, tokens, values,
                           (t + 1) * kKeys, a.sk);
       tokens.load(k_order, (t + 2) * kKeys, a.sk, lane);
     }
@@ -132,9 +133,9 @@ __global__ void __launch_bounds__(kThreads, 2) exact_sweep_kernel(const Args<E> 
           p[m][3] = pack_probabilities(s[m][2 * ks + 1][2], s[m][2 * ks + 1][3]);
         }
 #pragma unroll
-        for (int d0 = 0; d0 < D; d0 += 16) {
+        for (int d0 = 0; d0 < Dv; d0 += 16) {
           std::uint32_t b[4];
-          sm80::ldmatrix_x4_trans(b, bt_fragment<__half, D>(v_tile, ks * 16, d0, lane));
+          sm80::ldmatrix_x4_trans(b, bt_fragment<__half, Dv>(v_tile, ks * 16, d0, lane));
 #pragma unroll
           for (int m = 0; m < kRowBlocks; ++m) {
             sm80::mma_m16n8k16<__half>(o[m][d0 / 8], p[m], b[0], b[1]);
@@ -159,7 +160,7 @@ __global__ void __launch_bounds__(kThreads, 2) exact_sweep_kernel(const Args<E> 
         a.part_max[part + row] = row_max[m][h];
         a.part_denominator[part + row] = total;
       }
-      float* out = a.part_output + (part + row) * D;
+      float* out = a.part_output + (part + row) * Dv;
 #pragma unroll
       for (int nt = 0; nt < kDTiles; ++nt) {
         *reinterpret_cast<float2*>(out + nt * 8 + 2 * q) = make_float2(o[m][nt][2 * h], o[m][nt][2 * h + 1]);
@@ -169,9 +170,10 @@ __global__ void __launch_bounds__(kThreads, 2) exact_sweep_kernel(const Args<E> 
 }
 
 // m = max_c m_c, M = sum_c M_c 2^(m_c - m), o = sum_c O_c 2^(m_c - m) / M: one warp per row.
-template <class E, int D>
+template <class E, int Dv>
 __global__ void combine_exact_chunks_kernel(const Args<E> a, std::int64_t heads_total) {
-  constexpr int kPerLane = D / 32;
+  constexpr int kPerLane = Dv / 32;
+  static_assert(kPerLane * 32 == Dv, "a lane per 32 value columns");
   const int lane = threadIdx.x % 32;
   const std::int64_t warps = std::int64_t(gridDim.x) * (blockDim.x / 32);
   for (std::int64_t w = (blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x) / 32; w < heads_total * a.row_capacity;
@@ -186,14 +188,14 @@ __global__ void combine_exact_chunks_kernel(const Args<E> a, std::int64_t heads_
       const float weight = exp2f(a.part_max[part] - m);
       total += a.part_denominator[part] * weight;
 #pragma unroll
-      for (int e = 0; e < kPerLane; ++e) out[e] += a.part_output[part * D + lane + 32 * e] * weight;
+      for (int e = 0; e < kPerLane; ++e) out[e] += a.part_output[part * Dv + lane + 32 * e] * weight;
     }
     if (lane == 0) {
       a.row_max[w] = m;
       a.row_denominator[w] = total;
     }
 #pragma unroll
-    for (int e = 0; e < kPerLane; ++e) a.row_output[w * D + lane + 32 * e] = out[e] / total;
+    for (int e = 0; e < kPerLane; ++e) a.row_output[w * Dv + lane + 32 * e] = out[e] / total;
   }
 }
 

@@ -170,10 +170,14 @@ void centroid_criticality(const float* q_centroids, const float* key_means, cons
 //    fp16's range), so errors carry relative noise of ~1e-4 of a head's largest. Deterministic
 //    for probes_i <= 128 (larger values add partial sums of one block with float
 //    atomics). q and k/v may have different token counts; k and v share the key layout;
-//    summary.value_means must be 16-byte aligned.
+//    summary.value_means must be 16-byte aligned. value_sketch_dims: 0 (or >= D) measures the
+//    errors on all of v's dimensions; kCudaValueSketchDims (32, below D) on v sketched to 32
+//    (cpu::probe_compensation_error's value_sketch_dims: the same signs), a quarter of the value
+//    work at D = 128.
 void probe_compensation_error(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
                               const DeviceLayout& queries, const DeviceLayout& keys, const DeviceKeySummary& summary,
-                              int probes_per_cluster, bool mean_row, float* error, void* stream);
+                              int probes_per_cluster, bool mean_row, float* error, void* stream,
+                              int value_sketch_dims = 0);
 
 // ---------------------------------------------------------------------------------------------
 // 6. Selection (src/policy/budget_selection.cpp), per call or per head, into the attention

@@ -185,8 +185,8 @@ TEST(GpuPipeline, SparseErrorsTrackTheCpuPipeline) {
   HostTensor ref(DType::f32, gpu.host[0].shape), cpu_out(DType::f32, gpu.host[0].shape);
   dense_attention(gpu.host[0].view_bhsd("q"), gpu.host[1].view_bhsd("k"), gpu.host[2].view_bhsd("v"), ref.view_bhsd("ref"));
   // svg2, ear (the mean query probes), ear with 4 sampled rows, ear with query clusters of ~128
-  // rows trimmed to 64-row tiles
-  for (int variant = 0; variant < 4; ++variant) {
+  // rows trimmed to 64-row tiles, ear probing values sketched to 32 dimensions
+  for (int variant = 0; variant < 5; ++variant) {
     const Method method = variant == 0 ? Method::svg2 : Method::ear;
     for (double density : {0.1, 0.3}) {
       MethodConfig config = preset(method);
@@ -200,6 +200,7 @@ TEST(GpuPipeline, SparseErrorsTrackTheCpuPipeline) {
         config.clusters_q = 8;
         config.query_tail_limit = 24;
       }
+      if (variant == 4) config.probe_value_dims = 32;
       AttentionReport gpu_report, cpu_report;
       const double gpu_error = rel_l2(gpu.run(config, &gpu_report), ref);
       cpu_report = attention(gpu.host[0].view_bhsd("q"), gpu.host[1].view_bhsd("k"), gpu.host[2].view_bhsd("v"),
@@ -252,13 +253,13 @@ TEST(GpuPipeline, RejectsWhatTheCudaPathCannotTake) {
   TensorView strided = gpu.view[0];
   strided.strides[3] = 2;
   expect_error(strided, "last axis");
-  MethodConfig sketched = preset(Method::ear);  // the sketched probe is CPU-only so far
+  MethodConfig sketched = preset(Method::ear);  // the CUDA probe sketches to 32 dimensions only
   sketched.probe_value_dims = 16;
   try {
     attention(gpu.view[0], gpu.view[1], gpu.view[2], gpu.view[3], sketched);
-    ADD_FAILURE() << "no error for probe_value_dims on CUDA tensors";
+    ADD_FAILURE() << "no error for probe_value_dims 16 on CUDA tensors";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("CPU path only"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("32 dimensions only"), std::string::npos) << e.what();
   }
 }
 

@@ -694,12 +694,14 @@ struct ProbeCase {
   DType dtype;
   double value_scale = 1.0;  // standard deviation of v (fp16 overflow and underflow ranges)
   bool mean_row = false;     // one more probe row per query cluster: its mean query
+  int sketch = 0;            // value_sketch_dims (0: all of v's dimensions)
 };
 
 std::ostream& operator<<(std::ostream& os, const ProbeCase& c) {
   return os << "B" << c.batch << " H" << c.heads << " Sq" << c.sq << " Sk" << c.sk << " D" << c.d << " Cq" << c.cq
             << " Ck" << c.ck << " probes " << c.probes << (c.mean_row ? " + mean" : "") << " "
-            << dtype_name(c.dtype) << " |v| ~ " << c.value_scale;
+            << dtype_name(c.dtype) << " |v| ~ " << c.value_scale << (c.sketch ? " sketch " : "")
+            << (c.sketch ? std::to_string(c.sketch) : "");
 }
 
 class GpuProbe : public ::testing::TestWithParam<ProbeCase> {};
@@ -735,7 +737,7 @@ TEST_P(GpuProbe, MatchesCpuWithinOnePerMilleOfTheLargestError) {
     const std::vector<float> mean_queries = cpu::mean_probe_queries(qp.data(), ql.heads[std::size_t(bh)], c.d, c.dtype);
     const std::vector<double> head_error = cpu::probe_compensation_error(
         qp.data(), kp.data(), vp.data(), c.d, ql.heads[std::size_t(bh)], kl.heads[std::size_t(bh)], summary,
-        cpu::ProbeRows{c.probes, c.mean_row ? mean_queries.data() : nullptr});
+        cpu::ProbeRows{c.probes, c.mean_row ? mean_queries.data() : nullptr}, c.sketch);
     want.insert(want.end(), head_error.begin(), head_error.end());
     key_means.insert(key_means.end(), km.begin(), km.end());
     value_means.insert(value_means.end(), vm.begin(), vm.end());
@@ -748,7 +750,7 @@ TEST_P(GpuProbe, MatchesCpuWithinOnePerMilleOfTheLargestError) {
   cuda::probe_compensation_error(
       q.view, k.view, v.view, {q_order.get(), q_offsets.get(), c.cq}, {k_order.get(), k_offsets.get(), c.ck},
       {device_key_means.get(), device_value_means.get(), device_counts.get()}, c.probes, c.mean_row, error.get(),
-      nullptr);
+      nullptr, c.sketch);
   const auto got = error.download();
   for (int bh = 0; bh < bh_count; ++bh) {
     const auto first = want.begin() + std::int64_t(bh) * c.cq * c.ck;
@@ -788,7 +790,7 @@ TEST_P(GpuProbe, MatchesCpuWithinOnePerMilleOfTheLargestError) {
   DeviceArray<float> error_with_inputs(want.size());
   cuda::probe_compensation_error(q.view, k.view, v.view, {q_order.get(), q_offsets.get(), c.cq},
                                  {k_order.get(), k_offsets.get(), c.ck}, summary, c.probes, c.mean_row,
-                                 error_with_inputs.get(), nullptr);
+                                 error_with_inputs.get(), nullptr, c.sketch);
   const auto got_with_inputs = error_with_inputs.download();
   for (std::size_t i = 0; i < got.size(); ++i) {
     ASSERT_EQ(got_with_inputs[i], got[i]) << "block " << i << " with the pipeline's inputs";
@@ -836,6 +838,15 @@ INSTANTIATE_TEST_SUITE_P(LargeMeanRow, GpuProbe,
                          ::testing::Values(ProbeCase{1, 1, 333, 517, 128, 11, 30, 4, 1.5, DType::f16, 1.0, true},
                                            ProbeCase{2, 1, 4097, 4097, 128, 64, 200, 0, 1.5, DType::bf16, 1.0, true},
                                            ProbeCase{1, 1, 500, 800, 64, 9, 25, 100, 1.0, DType::f16, 1.0, true}));
+// Values sketched to 32 dimensions (cpu::probe_compensation_error's value_sketch_dims, the same
+// signs): D 64 and 128, the mean row and sampled rows, many key chunks.
+INSTANTIATE_TEST_SUITE_P(SmallSketch, GpuProbe,
+                         ::testing::Values(ProbeCase{1, 2, 127, 300, 64, 9, 23, 0, 1.0, DType::bf16, 1.0, true, 32},
+                                           ProbeCase{1, 1, 300, 500, 128, 7, 20, 4, 1.0, DType::bf16, 1.0, true, 32}));
+INSTANTIATE_TEST_SUITE_P(LargeSketch, GpuProbe,
+                         ::testing::Values(ProbeCase{1, 2, 3000, 5000, 128, 40, 300, 0, 1.5, DType::bf16, 1.0, true,
+                                                     32},
+                                           ProbeCase{1, 1, 333, 517, 128, 11, 30, 4, 1.5, DType::bf16, 1e6, false, 32}));
 
 // ---------------------------------------------------------------------------------------------
 // 6. Selection
