@@ -189,7 +189,7 @@ TEST(ErrorProbe, SketchedProbeIsTheProbeOfProjectedValues) {
     for (std::int64_t i = 0; i < n; ++i)
       for (int r = 0; r < k; ++r) {
         double sum = 0;
-        for (std::int64_t c = 0; c < kD; ++c) sum += (cpu::value_sketch_positive(r, c) ? 1.0 : -1.0) * in[std::size_t(i * kD + c)];
+        for (std::int64_t c = 0; c < kD; ++c) sum += (value_sketch_positive(r, c) ? 1.0 : -1.0) * in[std::size_t(i * kD + c)];
         out[std::size_t(i * k + r)] = float(sum / std::sqrt(double(k)));
       }
     return out;

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "cpu/tile_alignment.hpp"
 #include "svgear/error.hpp"
 
 namespace svgear {
@@ -111,11 +112,13 @@ void validate(const MethodConfig& config) {
   require(config.kmeans_warm_iterations >= 1 && config.kmeans_warm_iterations <= 1000,
           "warm k-means iterations must be in [1, 1000], got " +
               std::to_string(config.kmeans_warm_iterations));
-  require(config.query_tail_limit >= 0 && config.query_tail_limit <= 32,
-          "query tail limit must be in [0, 32] rows (0: off), got " + std::to_string(config.query_tail_limit));
-  require(config.query_tail_limit == 0 || config.clusters_q <= 16384,
-          "a query tail limit needs at most 16384 query clusters (the CUDA walk keeps two ints per cluster in "
-          "shared memory), got " + std::to_string(config.clusters_q) + ": set query_tail_limit to 0");
+  require(config.query_tail_limit >= 0 && config.query_tail_limit <= cpu::kMaxTailLimit,
+          "query tail limit must be in [0, " + std::to_string(cpu::kMaxTailLimit) + "] rows (0: off), got " +
+              std::to_string(config.query_tail_limit));
+  require(config.query_tail_limit == 0 || config.clusters_q <= cpu::kMaxAlignedClusters,
+          "a query tail limit needs at most " + std::to_string(cpu::kMaxAlignedClusters) +
+              " query clusters (the CUDA walk keeps two ints per cluster in shared memory), got " +
+              std::to_string(config.clusters_q) + ": set query_tail_limit to 0");
   require(config.probe_queries >= 0 && config.probe_queries <= 4096,
           "probe queries per cluster must be in [0, 4096], got " +
               std::to_string(config.probe_queries));

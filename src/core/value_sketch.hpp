@@ -5,11 +5,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define SVGEAR_HOST_DEVICE __host__ __device__
-#else
-#define SVGEAR_HOST_DEVICE
-#endif
+#include "core/host_device.hpp"
 
 namespace svgear {
 
@@ -20,9 +16,11 @@ SVGEAR_HOST_DEVICE inline bool value_sketch_positive(std::int64_t r, std::int64_
   return ((z ^ (z >> 31)) & 1u) != 0;
 }
 
+// Whether a probe_value_dims of `dims` sketches values of width `head_dim` (0, or at least the
+// width, measures every dimension).
+inline bool value_sketch_on(std::int64_t dims, std::int64_t head_dim) { return dims > 0 && dims < head_dim; }
+
 // The sketch width the CUDA probe supports (any multiple of 16 below D on the CPU).
 inline constexpr int kCudaValueSketchDims = 32;
 
 }  // namespace svgear
-
-#undef SVGEAR_HOST_DEVICE

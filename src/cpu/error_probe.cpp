@@ -37,19 +37,18 @@ std::vector<float> sketch_rows(const float* rows, std::int64_t n, std::int64_t d
 }  // namespace
 
 std::vector<double> probe_compensation_error(const float* qp, const float* kp, const float* vp,
-                                             std::int64_t d_all, const ClusterLayout& queries,
+                                             std::int64_t d, const ClusterLayout& queries,
                                              const ClusterLayout& keys,
-                                             const KeyClusterSummary& summary_all, const ProbeRows& rows,
+                                             const KeyClusterSummary& given_summary, const ProbeRows& rows,
                                              int value_sketch_dims) {
-  // Keys keep every dimension; values (and their means) may be sketched.
-  const std::int64_t d = d_all;
+  // Keys keep all d dimensions; values (and their means) are dv wide, sketched where asked.
   std::vector<float> sketched_values, sketched_means;
-  KeyClusterSummary summary = summary_all;
-  std::int64_t dv = d_all;
-  if (value_sketch_dims > 0 && value_sketch_dims < d_all) {
+  KeyClusterSummary summary = given_summary;
+  std::int64_t dv = d;
+  if (value_sketch_on(value_sketch_dims, d)) {
     dv = value_sketch_dims;
-    sketched_values = sketch_rows(vp, std::int64_t(keys.order.size()), d_all, value_sketch_dims);
-    sketched_means = sketch_rows(summary_all.value_means, keys.clusters(), d_all, value_sketch_dims);
+    sketched_values = sketch_rows(vp, std::int64_t(keys.order.size()), d, value_sketch_dims);
+    sketched_means = sketch_rows(given_summary.value_means, keys.clusters(), d, value_sketch_dims);
     vp = sketched_values.data();
     summary.value_means = sketched_means.data();
   }

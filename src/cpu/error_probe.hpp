@@ -37,14 +37,12 @@ std::vector<float> probe_queries_from_means(std::vector<float> means, DType dtyp
 // of the whole output and errors of different blocks are treated as uncorrelated, so they add.
 //
 // value_sketch_dims > 0 (a multiple of 16 below d): the errors are measured on values sketched to
-// that many dimensions, v -> R v with R[r][c] = +-1/sqrt(k) (value_sketch_sign), an unbiased
+// that many dimensions, v -> R v with R[r][c] = +-1/sqrt(k) (value_sketch_positive), an unbiased
 // estimate of the squared norm (E[R^T R] = I) at a fraction of the value work.
 std::vector<double> probe_compensation_error(const float* qp, const float* kp, const float* vp,
                                              std::int64_t d, const ClusterLayout& queries,
                                              const ClusterLayout& keys,
                                              const KeyClusterSummary& summary, const ProbeRows& rows,
                                              int value_sketch_dims = 0);
-
-using svgear::value_sketch_positive;  // the sketch's signs (core/value_sketch.hpp)
 
 }  // namespace svgear::cpu

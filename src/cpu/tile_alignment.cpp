@@ -17,14 +17,14 @@ std::vector<std::int64_t> cluster_sizes(const std::vector<std::int32_t>& labels,
 std::int64_t align_clusters_to_tiles(std::vector<std::int32_t>& labels, const RunnerUps& runner_ups, int clusters,
                                      const TileAlignment& alignment) {
   if (alignment.tail_limit <= 0) return 0;
-  const std::int64_t tile = alignment.tile_rows;
   const std::vector<std::int64_t> sizes = cluster_sizes(labels, clusters);
   std::vector<std::int64_t> tail(sizes.size()), room(sizes.size());
   std::vector<char> donor(sizes.size());
   for (std::size_t c = 0; c < sizes.size(); ++c) {
-    tail[c] = sizes[c] % tile;
-    donor[c] = sizes[c] > tile && tail[c] >= 1 && tail[c] <= alignment.tail_limit;
-    room[c] = !donor[c] && tail[c] > 0 ? tile - tail[c] : 0;
+    const ClusterRole role = cluster_role(sizes[c], alignment.tail_limit);
+    tail[c] = role.tail;
+    donor[c] = role.donor;
+    room[c] = role.room;
   }
 
   // Every donor's candidates, cheapest first (rows ascend within a cluster, so a stable sort by
@@ -49,7 +49,7 @@ std::int64_t align_clusters_to_tiles(std::vector<std::int32_t>& labels, const Ru
     std::stable_sort(list.begin(), list.end(), [&](std::int64_t a, std::int64_t b) {
       return runner_ups.regrets[std::size_t(a)] < runner_ups.regrets[std::size_t(b)];
     });
-    if (std::int64_t(list.size()) > alignment.candidates) list.resize(std::size_t(alignment.candidates));
+    if (list.size() > std::size_t(kTailCandidates)) list.resize(std::size_t(kTailCandidates));
     taken.clear();
     for (std::int64_t i : list) {
       if (std::int64_t(taken.size()) == tail[std::size_t(c)]) break;

@@ -10,7 +10,6 @@
 #include <string>
 
 #include "core/validation.hpp"
-#include "core/value_sketch.hpp"
 #include "cuda/cuda_check.hpp"
 #include "cuda/deferred_check.hpp"
 #include "cuda/device_buffer.hpp"
@@ -204,10 +203,8 @@ AttentionReport attention(const TensorView& q, const TensorView& k, const Tensor
                           const TensorView* lse) {
   if (state != nullptr) cuda::synchronize(*state);  // an earlier asynchronous call's error comes first
   validate_attention_inputs(q, k, v, out, config, lse);
-  if (config.probe_value_dims > 0 && config.probe_value_dims < q.head_dim() &&
-      config.probe_value_dims != kCudaValueSketchDims && config.policy == SelectionPolicyKind::error_aware) {
-    throw Error("probe_value_dims = " + std::to_string(config.probe_value_dims) + ": the CUDA probe sketches values to " +
-                std::to_string(kCudaValueSketchDims) + " dimensions only (or 0 for all of them)");
+  if (config.policy == SelectionPolicyKind::error_aware) {
+    require_cuda_value_sketch(config.probe_value_dims, int(q.head_dim()));
   }
   // A plan export reads the plan back, so it synchronizes whatever the config says.
   const bool synchronous = config.synchronize || plan != nullptr;

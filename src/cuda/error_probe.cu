@@ -241,7 +241,7 @@ void validate_probe_inputs(const DeviceHeads& q, const DeviceHeads& k, const Dev
 // keep the result in fp16's range.
 template <int D, int Dv>
 __global__ void __launch_bounds__(256)
-    sketch_values_kernel(const __half* values, std::int64_t rows_total, int shift, __half* out) {
+    sketch_values_kernel(const __half* values, std::int64_t rows_total, __half* out) {
   static_assert(D % 16 == 0 && Dv % 8 == 0, "whole MMA tiles");
   constexpr int kSteps = D / 16, kTiles = Dv / 8;
   const int lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
@@ -262,7 +262,7 @@ __global__ void __launch_bounds__(256)
     }
   }
   __syncthreads();
-  const float unit = ldexpf(1.0f, -shift);
+  const float unit = ldexpf(1.0f, -probe::values_shift<D, Dv>());
   const std::int64_t warps = std::int64_t(gridDim.x) * (blockDim.x / 32);
   for (std::int64_t block = (blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x) / 32; block * 16 < rows_total;
        block += warps) {
@@ -416,15 +416,13 @@ void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
     values = own_values.get();
   }
   // Sketched: the copy's rows and the value means through S (the copy's scale lowered by log2 D).
-  int value_shift = 0;
-  while (kSketch && (1 << value_shift) < D) ++value_shift;
   DeviceBuffer<__half> sketched_values(kSketch ? std::size_t(heads_total * k.tokens * Dv) : 0, s);
   DeviceBuffer<float> sketched_means(kSketch ? std::size_t(heads_total * ck * Dv) : 0, s);
   const float* value_means = summary.value_means;
   if constexpr (kSketch) {
     const std::int64_t rows_total = heads_total * k.tokens;
     sketch_values_kernel<D, Dv><<<grid_for((rows_total + 15) / 16 * 32, 256), 256, 0, s>>>(
-        values, rows_total, value_shift, sketched_values.get());
+        values, rows_total, sketched_values.get());
     check_launch("sketch_values_kernel");
     sketch_means_kernel<D, Dv><<<grid_for(heads_total * ck * Dv, 256), 256, 0, s>>>(
         summary.value_means, heads_total * ck, sketched_means.get());
@@ -446,8 +444,6 @@ void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
   a.k_aligned = rows_aligned_16(k);
   a.values = values;
   a.value_abs_max = value_abs_max;
-  a.value_shift = value_shift;
-  a.error_unit = kSketch ? 1.0f / float(Dv) : 1.0f;
   a.q_offsets = queries.offsets;
   a.k_order = keys.order;
   a.k_offsets = keys.offsets;
@@ -490,16 +486,20 @@ void run_probe(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
 
 }  // namespace
 
+void require_cuda_value_sketch(int value_sketch_dims, int head_dim) {
+  if (value_sketch_on(value_sketch_dims, head_dim) && value_sketch_dims != kCudaValueSketchDims) {
+    throw Error("probe_value_dims = " + std::to_string(value_sketch_dims) + ": the CUDA probe sketches values to " +
+                std::to_string(kCudaValueSketchDims) + " dimensions only (or 0 for all of them)");
+  }
+}
+
 void probe_compensation_error(const DeviceHeads& q, const DeviceHeads& k, const DeviceHeads& v,
                               const DeviceLayout& queries, const DeviceLayout& keys, const DeviceKeySummary& summary,
                               int probes_per_cluster, bool mean_row, float* error, void* stream,
                               int value_sketch_dims) {
   validate_probe_inputs(q, k, v, queries, keys, summary, probes_per_cluster, mean_row, error);
-  const bool sketch = value_sketch_dims > 0 && value_sketch_dims < q.head_dim;
-  if (sketch && value_sketch_dims != kCudaValueSketchDims) {
-    throw Error("probe_compensation_error: the CUDA probe sketches values to " +
-                std::to_string(kCudaValueSketchDims) + " dimensions only, got " + std::to_string(value_sketch_dims));
-  }
+  require_cuda_value_sketch(value_sketch_dims, q.head_dim);
+  const bool sketch = value_sketch_on(value_sketch_dims, q.head_dim);
   const cudaStream_t s = as_stream(stream);
   zero_async(error, std::size_t(q.count()) * std::size_t(queries.clusters) * std::size_t(keys.clusters), s,
              "cudaMemsetAsync (probe error)");

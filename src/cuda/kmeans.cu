@@ -224,11 +224,11 @@ void kmeans(const DeviceHeads& points, const KmeansSettings& settings, const Kme
   if ((out.runner_ups.labels == nullptr) != (out.runner_ups.regrets == nullptr)) {
     throw Error("kmeans: out.runner_ups needs both labels and regrets (or neither)");
   }
-  if (settings.tail_limit < 0 || settings.tail_limit > 32 ||
+  if (settings.tail_limit < 0 || settings.tail_limit > cpu::kMaxTailLimit ||
       (settings.tail_limit > 0 && settings.clusters > kMaxAlignedClusters)) {
-    throw Error("kmeans: tail limit " + std::to_string(settings.tail_limit) + " must be in [0, 32], and a tail " +
-                "limit needs at most " + std::to_string(kMaxAlignedClusters) + " clusters (got " +
-                std::to_string(settings.clusters) + ")");
+    throw Error("kmeans: tail limit " + std::to_string(settings.tail_limit) + " must be in [0, " +
+                std::to_string(cpu::kMaxTailLimit) + "], and a tail limit needs at most " +
+                std::to_string(kMaxAlignedClusters) + " clusters (got " + std::to_string(settings.clusters) + ")");
   }
   const cudaStream_t s = as_stream(stream);
   const std::int64_t heads_total = points.count(), tokens = points.tokens;

@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
   if (j_begin >= j_end) return;
   const std::int32_t* k_offsets = a.k_offsets + bh * (ck + 1);
   const int p_begin = k_offsets[j_begin], p_end = k_offsets[j_end];  // positions < 2^31
-  const int exponent = values_exponent(a, bh);
+  const int exponent = values_exponent<D, Dv>(a, bh);
   const float value_scale = ldexpf(1.0f, exponent), value_unscale = ldexpf(1.0f, -exponent);
 
   for (int r = threadIdx.x; r < kRows; r += kThreads) {
@@ -333,7 +333,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_sweep_kernel(const Args<E
         total += sh.errors[rr][jj];
         sh.errors[rr][jj] = 0.0f;
       }
-      const float value = total * sh.row_weight[r] * value_unscale * value_unscale * a.error_unit;
+      const float value = total * sh.row_weight[r] * value_unscale * value_unscale * error_unit<D, Dv>();
       if (value != 0.0f) atomicAdd(&a.error[(bh * a.query_clusters + cluster) * std::int64_t(ck) + j], value);
     }
   };

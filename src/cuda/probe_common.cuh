@@ -30,12 +30,10 @@ struct Args {
   int heads;
   std::int64_t sk;
   bool q_aligned, k_aligned;
-  // v in key-cluster order (row p = v[k_order[p]]), times 2^(value_exponent - value_shift), as
+  // v in key-cluster order (row p = v[k_order[p]]), times 2^(value_exponent - values_shift), as
   // fp16: [BH][Sk][Dv]; with the value sketch (Dv < D) the rows are S v (core/value_sketch.hpp).
   const __half* values;
   const unsigned* value_abs_max;  // [BH]: bit pattern of max |v| (non-negative floats order as unsigned)
-  int value_shift;                // 0, or log2(D) for sketched rows (|S v| <= D max |v|)
-  float error_unit;               // 1, or 1/k for sketched rows (R = S / sqrt(k))
   const std::int32_t* q_offsets;  // [BH][Cq + 1]
   const std::int32_t* k_order;    // [BH][Sk]
   const std::int32_t* k_offsets;  // [BH][Ck + 1]
@@ -102,10 +100,26 @@ __device__ __forceinline__ void load_key_tile(E* k_tile, __half* v_tile, const H
                                          [&](int r) -> std::int64_t { return first + r < end ? first + r : -1; });
 }
 
+// How many bits the values copy's scale drops: 0 for v's own rows, log2 D for sketched ones
+// (|S v| <= D max |v|, so 2^-log2 D keeps them in fp16's range).
+template <int D, int Dv>
+constexpr int values_shift() {
+  int shift = 0;
+  while (Dv < D && (1 << shift) < D) ++shift;
+  return shift;
+}
+
 // The scale of the values copy: 2^(e - shift) with e from the head's max |v| (scaled_values.cuh).
-template <class E>
+template <int D, int Dv, class E>
 __device__ __forceinline__ int values_exponent(const Args<E>& a, std::int64_t bh) {
-  return value_exponent(a.value_abs_max[bh]) - a.value_shift;
+  return value_exponent(a.value_abs_max[bh]) - values_shift<D, Dv>();
+}
+
+// What the squared errors on the values copy's columns are multiplied by, beside the scale: 1, or
+// 1/k for sketched rows (R = S / sqrt(k) with S the copy's +-1).
+template <int D, int Dv>
+constexpr float error_unit() {
+  return Dv < D ? 1.0f / float(Dv) : 1.0f;
 }
 
 // The CTA's probe rows of Q (gathered through row_token; zero rows past the head's count).

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 
+#include "cpu/tile_alignment.hpp"
 #include "cuda/sparse_attention.hpp"
 #include "svgear/dtype.hpp"
 
@@ -82,7 +83,7 @@ struct KmeansSettings {
   std::int64_t* non_finite = nullptr;
   // > 0: between the last assignment and the last update, align_clusters_to_tiles with this
   // tail limit (MethodConfig::query_tail_limit), so the final centroids are the means of the
-  // aligned clusters. At most 32, and clusters <= kMaxAlignedClusters.
+  // aligned clusters. At most cpu::kMaxTailLimit, and clusters <= kMaxAlignedClusters.
   int tail_limit = 0;
 };
 
@@ -124,7 +125,7 @@ void assign_to_nearest_centroid(const DeviceHeads& points, const float* centroid
 // layout is the cluster layout of those labels (cluster_layout), which the caller rebuilds
 // afterwards. moved (optional) [BH]: rows moved per head. tail_limit in [0, 63] (0: nothing
 // moves), clusters <= kMaxAlignedClusters (the walk holds two ints per cluster in shared memory).
-inline constexpr int kMaxAlignedClusters = 16384;
+using cpu::kMaxAlignedClusters;
 void align_clusters_to_tiles(std::int64_t heads_total, std::int64_t tokens, int clusters, int tail_limit,
                              std::int32_t* labels, const DeviceLayout& layout, const DeviceRunnerUps& runner_ups,
                              std::int32_t* moved, void* stream);
@@ -178,6 +179,10 @@ void probe_compensation_error(const DeviceHeads& q, const DeviceHeads& k, const 
                               const DeviceLayout& queries, const DeviceLayout& keys, const DeviceKeySummary& summary,
                               int probes_per_cluster, bool mean_row, float* error, void* stream,
                               int value_sketch_dims = 0);
+
+// Throws svgear::Error unless the CUDA probe takes this value_sketch_dims for head_dim (0, at
+// least head_dim, or kCudaValueSketchDims): the pipeline asks before any work is queued.
+void require_cuda_value_sketch(int value_sketch_dims, int head_dim);
 
 // ---------------------------------------------------------------------------------------------
 // 6. Selection (src/policy/budget_selection.cpp), per call or per head, into the attention

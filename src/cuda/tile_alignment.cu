@@ -32,26 +32,15 @@ using detail::grid_for;
 
 constexpr int kTileRows = cpu::kQueryTileRows;
 constexpr int kCandidates = cpu::kTailCandidates;
+using cpu::kMaxAlignedClusters;
 static_assert(kCandidates == 64, "the walk holds two candidates per lane");
 constexpr int kDonorBatch = 32;  // donors staged in shared memory at a time
 constexpr int kWalkThreads = 256;
 constexpr std::uint32_t kNotACandidate = 0xFFFFFFFFu;
 constexpr std::uint64_t kNoEntry = ~std::uint64_t(0);
 
-// A cluster's part in the alignment, from its size alone (the same for every thread).
-struct ClusterRole {
-  int tail = 0;         // size mod kTileRows
-  bool donor = false;   // hands its tail on
-  int room = 0;         // rows it can take without a new tile (receivers only)
-};
-
-__device__ __forceinline__ ClusterRole role_of(std::int32_t size, int tail_limit) {
-  ClusterRole role;
-  role.tail = size % kTileRows;
-  role.donor = size > kTileRows && role.tail >= 1 && role.tail <= tail_limit;
-  role.room = !role.donor && role.tail > 0 ? kTileRows - role.tail : 0;
-  return role;
-}
+using cpu::cluster_role;
+using cpu::ClusterRole;
 
 __device__ __forceinline__ std::int32_t cluster_size(const std::int32_t* offsets, int c) {
   return offsets[c + 1] - offsets[c];
@@ -67,8 +56,8 @@ __global__ void tail_candidate_keys(std::int64_t heads_total, std::int64_t token
     const std::int32_t* head_offsets = offsets + bh * (clusters + 1);
     const std::int64_t row = bh * tokens + order[i];
     const std::int32_t own = labels[row], next = runner_up[row];
-    const bool candidate = role_of(cluster_size(head_offsets, own), tail_limit).donor &&
-                           role_of(cluster_size(head_offsets, next), tail_limit).room > 0;
+    const bool candidate = cluster_role(cluster_size(head_offsets, own), tail_limit).donor &&
+                           cluster_role(cluster_size(head_offsets, next), tail_limit).room > 0;
     const float r = regret[row];
     // Non-negative floats order as their bits; +0 for -0 (equal regrets keep row order).
     keys[i] = candidate ? (r > 0.0f ? __float_as_uint(r) : 0u) : kNotACandidate;
@@ -84,7 +73,7 @@ __global__ void donor_segments(std::int64_t heads_total, std::int64_t tokens, in
     const std::int32_t* head_offsets = offsets + bh * (clusters + 1);
     const std::int64_t begin = bh * tokens + head_offsets[c];
     begins[i] = begin;
-    ends[i] = role_of(cluster_size(head_offsets, c), tail_limit).donor ? bh * tokens + head_offsets[c + 1] : begin;
+    ends[i] = cluster_role(cluster_size(head_offsets, c), tail_limit).donor ? bh * tokens + head_offsets[c + 1] : begin;
   });
 }
 
@@ -103,7 +92,7 @@ __global__ void __launch_bounds__(kWalkThreads)
   const std::int32_t* head_offsets = offsets + bh * (clusters + 1);
   std::int32_t* head_labels = labels + bh * tokens;
   for (int c = threadIdx.x; c < clusters; c += kWalkThreads) {
-    room[c] = role_of(cluster_size(head_offsets, c), tail_limit).room;
+    room[c] = cluster_role(cluster_size(head_offsets, c), tail_limit).room;
   }
   // Donors by ascending tail, then cluster: one stable compaction per tail value.
   int count = 0;  // uniform
@@ -112,7 +101,7 @@ __global__ void __launch_bounds__(kWalkThreads)
       const int c = first + int(threadIdx.x);
       int flag = 0;
       if (c < clusters) {
-        const ClusterRole role = role_of(cluster_size(head_offsets, c), tail_limit);
+        const ClusterRole role = cluster_role(cluster_size(head_offsets, c), tail_limit);
         flag = role.donor && role.tail == tail;
       }
       int position = 0, found = 0;
@@ -138,7 +127,7 @@ __global__ void __launch_bounds__(kWalkThreads)
     if (warp != 0) continue;
     for (int k = 0; k < in_batch; ++k) {
       const int c = donors[batch + k];
-      const int tail = cluster_size(head_offsets, c) % kTileRows;
+      const int tail = cluster_role(cluster_size(head_offsets, c), tail_limit).tail;
       int taken = 0;
       bool took[2] = {false, false};
 #pragma unroll
